@@ -1,0 +1,66 @@
+// Declarations of every falcon_ext op (CPU reference + CUDA kernel) and the argument checks
+// they share. Shapes: N = tree nodes, V = vocabulary, P = prefix (cached) length.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <tuple>
+#include <vector>
+
+#define FALCON_CHECK_DIM(t, d) \
+  TORCH_CHECK((t).dim() == (d), #t " must have " #d " dimensions, got shape ", (t).sizes())
+#define FALCON_CHECK_DTYPE(t, dt) \
+  TORCH_CHECK((t).scalar_type() == (dt), #t " must be ", (dt), ", got ", (t).scalar_type())
+#define FALCON_CHECK_SAME_DEVICE(a, b)                                                        \
+  TORCH_CHECK((a).device() == (b).device(), #a " and " #b " must be on the same device, got ", \
+              (a).device(), " and ", (b).device())
+#define FALCON_CHECK_FLOAT(t)                                                          \
+  TORCH_CHECK(at::isFloatingType((t).scalar_type()), #t " must be a floating tensor, got ", \
+              (t).scalar_type())
+
+namespace falcon_ext {
+
+// Checks a tree given as parent indices: parents [N] int64 with parents[0] == -1 (the root)
+// and 0 <= parents[i] < i for i > 0, which rules out cycles and forward references.
+// Throws with the first offending node; reads nothing out of bounds. CPU tensors only.
+void check_tree_cpu(const at::Tensor& parents);
+
+// ---- tree_build: verification inputs for a draft tree ----
+// parents [N] int64 -> (mask [N, P + N] dtype: 0 = visible, -inf = hidden;
+//                       position_ids [N] int64 = P + depth;
+//                       retrieve_paths [leaves, max_depth + 1] int64, root-to-leaf node ids, -1 padded)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_build_cpu(const at::Tensor& parents, int64_t prefix_len,
+                                                              at::ScalarType dtype);
+
+// ---- tree_verify_greedy: longest path whose draft tokens equal the target's argmax ----
+// logits [N, V] float, tokens [N] int64, parents [N] int64
+// -> (path [N] int64: accepted node ids from the root, -1 padded;
+//     result [2] int64: (accepted nodes incl. root, next token = target argmax after the path))
+std::tuple<at::Tensor, at::Tensor> tree_verify_greedy_cpu(const at::Tensor& logits, const at::Tensor& tokens,
+                                                          const at::Tensor& parents);
+
+// ---- tree_verify_sample: lossless rejection sampling over the tree ----
+// probs [N, V] float (non-negative weights of the target's warped distribution at each node),
+// tokens [N] int64, parents [N] int64, uniforms [N + 1] float in [0, 1):
+//   uniforms[i] decides node i's acceptance, uniforms[N] samples the correction/bonus token.
+// -> same outputs as tree_verify_greedy.
+std::tuple<at::Tensor, at::Tensor> tree_verify_sample_cpu(const at::Tensor& probs, const at::Tensor& tokens,
+                                                          const at::Tensor& parents, const at::Tensor& uniforms);
+
+// ---- kv_compact_: keep the accepted path's KV entries, contiguously, in place ----
+// kv: list of [B, H, S, D] cache tensors (any float dtype, any strides), path [L] int64 node ids
+// (strictly increasing, as tree_verify returns them); entry dst_start + path[j] moves to dst_start + j.
+void kv_compact_cpu(at::TensorList kv, const at::Tensor& path, int64_t dst_start);
+
+#ifdef FALCON_EXT_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_build_cuda(const at::Tensor& parents, int64_t prefix_len,
+                                                               at::ScalarType dtype);
+std::tuple<at::Tensor, at::Tensor> tree_verify_greedy_cuda(const at::Tensor& logits, const at::Tensor& tokens,
+                                                           const at::Tensor& parents);
+std::tuple<at::Tensor, at::Tensor> tree_verify_sample_cuda(const at::Tensor& probs, const at::Tensor& tokens,
+                                                           const at::Tensor& parents, const at::Tensor& uniforms);
+void kv_compact_cuda(at::TensorList kv, const at::Tensor& path, int64_t dst_start);
+#endif
+
+}  // namespace falcon_ext

@@ -1,0 +1,46 @@
+// The one list of falcon_ext op schemas, and which implementation serves each dispatch key.
+// The dispatcher routes by the tensors' device: CPU tensors reach the C++ references,
+// CUDA tensors the kernels (when built with CUDA).
+#include <torch/extension.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(falcon_ext, m) {
+  // Tree attention mask over [prefix + tree], depth position ids, root-to-leaf paths.
+  m.def("tree_build(Tensor parents, int prefix_len, ScalarType dtype) -> (Tensor mask, Tensor position_ids, Tensor retrieve_paths)");
+  // Greedy verification: accepted path and the target's next token.
+  m.def("tree_verify_greedy(Tensor logits, Tensor tokens, Tensor parents) -> (Tensor path, Tensor result)");
+  // Lossless speculative rejection sampling over the tree.
+  m.def("tree_verify_sample(Tensor probs, Tensor tokens, Tensor parents, Tensor uniforms) -> (Tensor path, Tensor result)");
+  // In-place KV compaction of the accepted path, every cache tensor in one call.
+  m.def("kv_compact_(Tensor(a!)[] kv, Tensor path, int dst_start) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(falcon_ext, CPU, m) {
+  m.impl("tree_build", &falcon_ext::tree_build_cpu);
+  m.impl("tree_verify_greedy", &falcon_ext::tree_verify_greedy_cpu);
+  m.impl("tree_verify_sample", &falcon_ext::tree_verify_sample_cpu);
+  m.impl("kv_compact_", &falcon_ext::kv_compact_cpu);
+}
+
+#ifdef FALCON_EXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(falcon_ext, CUDA, m) {
+  m.impl("tree_build", &falcon_ext::tree_build_cuda);
+  m.impl("tree_verify_greedy", &falcon_ext::tree_verify_greedy_cuda);
+  m.impl("tree_verify_sample", &falcon_ext::tree_verify_sample_cuda);
+  m.impl("kv_compact_", &falcon_ext::kv_compact_cuda);
+}
+#endif
+
+PYBIND11_MODULE(_C, module) {
+  module.def(
+      "compiled_with_cuda",
+      [] {
+#ifdef FALCON_EXT_WITH_CUDA
+        return true;
+#else
+        return false;
+#endif
+      },
+      "True when the CUDA kernels were compiled into this build.");
+}
