@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,9 @@ class SpeculativeOutput:
     tree_sizes: list[int] = field(default_factory=list)  # nodes verified per target forward
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    # With profile=True: seconds per decoding stage (draft, tree_build, verify, accept, commit,
+    # emit, drafter_update), the device synchronised at each boundary.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def mean_accepted_tokens(self) -> float:
@@ -49,6 +53,28 @@ class DecodeState:
     max_new_tokens: int
     eos_ids: frozenset[int]
     done: bool = False
+
+
+class StageTimer:
+    """Accumulates wall time per stage; a no-op unless enabled (timing needs device syncs)."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled, self.device, self.seconds = enabled, device, {}
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        if not self.enabled:
+            yield
+            return
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -269,13 +295,14 @@ def speculative_generate(
     attention_mask: torch.Tensor | None = None,
     streamer=None,
     generator: torch.Generator | None = None,
+    profile: bool = False,
 ) -> SpeculativeOutput:
     """Generate from ``model`` with ``drafter``'s trees, exactly as the target would alone.
 
     Greedy (``temperature=0``) output is token-identical to ``model.generate(do_sample=False)``;
     with ``temperature > 0`` tokens follow the distribution ``model.generate(do_sample=True,
     temperature, top_k, top_p)`` samples from. Unset arguments come from
-    ``model.generation_config``. Batch size 1.
+    ``model.generation_config``. Batch size 1. ``profile=True`` fills ``stage_seconds``.
     """
     if not isinstance(drafter, Drafter):
         raise TypeError(f"drafter must implement falcon_ext.Drafter (reset/extend/propose), got {type(drafter)}")
@@ -294,20 +321,30 @@ def speculative_generate(
     emit(state, [first], streamer)
     output = SpeculativeOutput(sequences=input_ids, prefill_seconds=time.perf_counter() - start)
 
+    timer = StageTimer(profile, io.input_device)
     start = time.perf_counter()
     while not state.done:
-        tree, mask, positions = build_tree(io, draft(drafter, state), state)
-        logits, features = verify(io, tree, mask, positions, state, drafter.needs_features)
-        path, next_token = accept(logits, tree, sampling, generator)
-        commit(state, path)
-        accepted = tree.tokens[torch.tensor(path, device=tree.tokens.device)]
-        emit(state, accepted[1:].tolist() + [next_token], streamer)
-        output.accept_lengths.append(len(path))
-        output.tree_sizes.append(len(tree))
-        state.next_token = next_token
+        with timer("draft"):
+            tree = draft(drafter, state)
+        with timer("tree_build"):
+            tree, mask, positions = build_tree(io, tree, state)
+        with timer("verify"):
+            logits, features = verify(io, tree, mask, positions, state, drafter.needs_features)
+        with timer("accept"):
+            path, next_token = accept(logits, tree, sampling, generator)
+        with timer("commit"):
+            commit(state, path)
+        with timer("emit"):
+            accepted = tree.tokens[torch.tensor(path, device=tree.tokens.device)]
+            emit(state, accepted[1:].tolist() + [next_token], streamer)
+            output.accept_lengths.append(len(path))
+            output.tree_sizes.append(len(tree))
+            state.next_token = next_token
         if not state.done:
-            drafter.extend(accepted, None if features is None else features[path], next_token)
+            with timer("drafter_update"):
+                drafter.extend(accepted, None if features is None else features[path], next_token)
     output.decode_seconds = time.perf_counter() - start
+    output.stage_seconds = timer.seconds
 
     if streamer is not None:
         streamer.end()
