@@ -85,6 +85,7 @@ class TargetIO:
     input_device: torch.device
     cache_kwarg: str  # "cache" (transformers >= 5.2x) or "past_key_values"
     dtype: torch.dtype
+    vocab_size: int  # rows of the LM head: the ids the target can read and emit
     max_positions: int | None
 
 
@@ -97,6 +98,7 @@ def _target_io(model) -> TargetIO:
         input_device=embeddings.weight.device,
         cache_kwarg=cache_kwarg,
         dtype=embeddings.weight.dtype,
+        vocab_size=min(embeddings.weight.shape[0], getattr(model.config, "vocab_size", None) or embeddings.weight.shape[0]),
         max_positions=getattr(model.config, "max_position_embeddings", None),
     )
 
@@ -152,11 +154,9 @@ def _prepare_prompt(io: TargetIO, input_ids, attention_mask) -> torch.Tensor:
         input_ids = input_ids[:, attention_mask[0].to(torch.bool).to(input_ids.device)]
     if input_ids.shape[1] == 0:
         raise ValueError("the prompt is empty: pass at least one token (e.g. the BOS token)")
-    vocab = io.model.get_output_embeddings().weight.shape[0] if io.model.get_output_embeddings() is not None \
-        else io.model.config.vocab_size
     low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab:
-        raise ValueError(f"input_ids must lie in [0, {vocab}), got values in [{low}, {high}]")
+    if low < 0 or high >= io.vocab_size:
+        raise ValueError(f"input_ids must lie in [0, {io.vocab_size}), got values in [{low}, {high}]")
     return input_ids.to(device=io.input_device, dtype=torch.int64)
 
 
@@ -193,10 +193,17 @@ def prefill(io: TargetIO, prompt: torch.Tensor, drafter: Drafter, sampling, gene
     return cache, first
 
 
-def draft(drafter: Drafter, state: DecodeState) -> DraftTree:
+def draft(io: TargetIO, drafter: Drafter, state: DecodeState) -> DraftTree:
+    """The drafter's tree, checked before it can reach an embedding lookup."""
     tree = drafter.propose()
-    if not isinstance(tree, DraftTree) or tree.tokens.dim() != 1 or tree.tokens.shape != tree.parents.shape:
-        raise ValueError("the drafter must return a DraftTree with tokens and parents of shape [N]")
+    if (not isinstance(tree, DraftTree) or tree.tokens.dim() != 1 or tree.tokens.numel() == 0
+            or tree.tokens.shape != tree.parents.shape or tree.tokens.dtype != torch.int64):
+        raise ValueError("the drafter must return a DraftTree with int64 tokens and parents of shape [N], N >= 1")
+    root, low, high = torch.stack([tree.tokens[0], tree.tokens.min(), tree.tokens.max()]).tolist()
+    if root != state.next_token:
+        raise ValueError(f"the drafter's tree root {root} is not the next token {state.next_token}")
+    if low < 0 or high >= io.vocab_size:
+        raise ValueError(f"the drafter proposed token ids in [{low}, {high}], outside the vocabulary [0, {io.vocab_size})")
     return tree
 
 
@@ -227,8 +234,6 @@ def _prune(tree: DraftTree, max_depth: int) -> DraftTree:
 def verify(io: TargetIO, tree: DraftTree, mask, positions, state: DecodeState, need_features: bool):
     """One target forward over the whole tree."""
     tokens = tree.tokens.to(io.input_device)
-    if int(tokens[0]) != state.next_token:
-        raise ValueError(f"the drafter's tree root {int(tokens[0])} is not the next token {state.next_token}")
     return _forward(io, tokens[None], state.cache, need_features=need_features,
                     attention_mask=mask[None, None], position_ids=positions[None])
 
@@ -325,7 +330,7 @@ def speculative_generate(
     start = time.perf_counter()
     while not state.done:
         with timer("draft"):
-            tree = draft(drafter, state)
+            tree = draft(io, drafter, state)
         with timer("tree_build"):
             tree, mask, positions = build_tree(io, tree, state)
         with timer("verify"):

@@ -164,3 +164,55 @@ def test_sampling_detects_a_biased_sampler():
     counts = torch.tensor([0.25, 0.3, 0.45], dtype=torch.float64) * 3000
     assert chi_square_pvalue(counts, probs) < 1e-3
     assert chi_square_pvalue(probs * 3000, probs) > 0.5
+
+
+class BadRootDrafter(RandomTreeDrafter):
+    def propose(self):
+        tree = super().propose()
+        tree.tokens[0] = (self.next_token + 1) % self.vocab
+        return tree
+
+
+class OutOfVocabDrafter(RandomTreeDrafter):
+    def propose(self):
+        tree = super().propose()
+        return type(tree)(torch.cat([tree.tokens, torch.tensor([self.vocab + 5])]),
+                          torch.cat([tree.parents, torch.tensor([0])]))
+
+
+@pytest.mark.parametrize("kwargs,ids,message", [
+    (dict(), torch.ones(2, 4, dtype=torch.long), "batch size 1"),
+    (dict(), torch.ones(1, 0, dtype=torch.long), "prompt is empty"),
+    (dict(), torch.tensor([[1, 600]]), "must lie in"),
+    (dict(), torch.tensor([[1.0, 2.0]]), "integer"),
+    (dict(max_new_tokens=0), torch.tensor([[1, 2]]), "max_new_tokens"),
+    (dict(max_new_tokens=-3), torch.tensor([[1, 2]]), "max_new_tokens"),
+    (dict(max_new_tokens=600), torch.tensor([[1, 2]]), "positions"),
+    (dict(temperature=-1.0), torch.tensor([[1, 2]]), "temperature"),
+    (dict(temperature=float("nan")), torch.tensor([[1, 2]]), "temperature"),
+    (dict(temperature=float("inf")), torch.tensor([[1, 2]]), "temperature"),
+    (dict(temperature=1.0, top_p=0.0), torch.tensor([[1, 2]]), "top_p"),
+    (dict(temperature=1.0, top_p=1.5), torch.tensor([[1, 2]]), "top_p"),
+    (dict(temperature=1.0, top_k=-1), torch.tensor([[1, 2]]), "top_k"),
+])
+def test_bad_arguments_raise_clear_errors(stories, kwargs, ids, message):
+    model, _ = stories
+    kwargs = {"max_new_tokens": 5, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        speculative_generate(model, PromptLookupDrafter(), ids, **kwargs)
+
+
+@pytest.mark.parametrize("drafter,message", [(BadRootDrafter(512), "root"), (OutOfVocabDrafter(512), "vocabulary")])
+def test_misbehaving_drafter_is_caught_and_model_stays_usable(stories, drafter, message):
+    model, tokenizer = stories
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    with pytest.raises(ValueError, match=message):
+        speculative_generate(model, drafter, ids, max_new_tokens=20)
+    ref = greedy_reference(model, ids, 20, [1, 2])
+    assert torch.equal(speculative_generate(model, PromptLookupDrafter(), ids, max_new_tokens=20).sequences, ref)
+
+
+def test_not_a_drafter_is_rejected(stories):
+    model, _ = stories
+    with pytest.raises(TypeError, match="Drafter"):
+        speculative_generate(model, object(), torch.tensor([[1, 2]]), max_new_tokens=3)
