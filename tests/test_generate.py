@@ -216,3 +216,21 @@ def test_not_a_drafter_is_rejected(stories):
     model, _ = stories
     with pytest.raises(TypeError, match="Drafter"):
         speculative_generate(model, object(), torch.tensor([[1, 2]]), max_new_tokens=3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cuda_target_matches_generate(stories, temperature):
+    """The whole loop on a GPU: CUDA tree ops, device-side sampling, cache on the device."""
+    model, tokenizer = stories
+    model = type(model).from_pretrained(model.name_or_path, dtype=torch.float32).cuda().eval()
+    model.generation_config.eos_token_id = [1, 2]
+    for prompt in STORY_PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.cuda()
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        out = speculative_generate(model, PromptLookupDrafter(max_branches=3), ids, max_new_tokens=100,
+                                   temperature=temperature, top_k=0, top_p=1.0, generator=generator)
+        assert out.sequences.is_cuda
+        if temperature == 0.0:
+            assert torch.equal(out.sequences, greedy_reference(model, ids, 100, [1, 2]))
