@@ -25,6 +25,9 @@ namespace falcon_ext {
 // and 0 <= parents[i] < i for i > 0, which rules out cycles and forward references.
 // Throws with the first offending node; reads nothing out of bounds. CPU tensors only.
 void check_tree_cpu(const at::Tensor& parents);
+// The per-node rule behind check_tree_cpu (also used by the CUDA launcher to report the first
+// bad node its kernel found): throws unless node 0 has parent -1, or 0 <= parent < node.
+void check_tree_node(int64_t node, int64_t parent);
 
 // Shape / dtype / device checks of the verify ops (no data reads; CPU and CUDA launchers):
 // scores [N, V] float32/float16/bfloat16 with N, V >= 1, tokens and parents [N] int64 on its device.

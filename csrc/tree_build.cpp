@@ -23,12 +23,14 @@ void check_tree_cpu(const at::Tensor& parents) {
   TORCH_CHECK(n >= 1, "parents must hold at least the root node, got an empty tensor");
   // accessor reads through strides, so non-contiguous parents need no copy
   const auto p = parents.accessor<int64_t, 1>();
-  TORCH_CHECK(p[0] == -1, "malformed tree: parents[0] must be -1 (node 0 is the root), got ", p[0]);
-  for (int64_t i = 1; i < n; ++i) {
-    // parents[i] < i makes every walk to the root strictly decreasing: no cycles, no forward refs
-    TORCH_CHECK(p[i] >= 0 && p[i] < i, "malformed tree: node ", i, " has parent ", p[i],
-                "; every non-root node needs 0 <= parents[i] < i (a parent precedes its child)");
-  }
+  for (int64_t i = 0; i < n; ++i) check_tree_node(i, p[i]);
+}
+
+void check_tree_node(int64_t node, int64_t parent) {
+  TORCH_CHECK(node != 0 || parent == -1, "malformed tree: parents[0] must be -1 (node 0 is the root), got ", parent);
+  // parents[i] < i makes every walk to the root strictly decreasing: no cycles, no forward refs
+  TORCH_CHECK(node == 0 || (parent >= 0 && parent < node), "malformed tree: node ", node, " has parent ", parent,
+              "; every non-root node needs 0 <= parents[i] < i (a parent precedes its child)");
 }
 
 namespace {

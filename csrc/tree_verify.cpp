@@ -3,7 +3,7 @@
 //   parents [N] int64 (valid tree), uniforms [N + 1] float32 (sampling only)
 //   -> path [N] int64: accepted node ids from the root (path[0] == 0), -1 padded;
 //      result [2] int64: (accepted nodes incl. the root, next token).
-// Both walk from the root; the CUDA kernels (tree_verify.cu) follow the same steps and the same
+// Both walk from the root; the CUDA kernels (tree_verify_cuda.cu) follow the same steps and the same
 // float summation order (kSampleChunks, ops.h), so CPU and CUDA results are identical.
 #include <ATen/ATen.h>
 
