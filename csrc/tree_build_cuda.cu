@@ -110,12 +110,8 @@ int blocks_for(int64_t work) { return static_cast<int>(std::min<int64_t>((work +
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_build_cuda(const at::Tensor& parents, int64_t prefix_len,
                                                                at::ScalarType dtype) {
-  FALCON_CHECK_DIM(parents, 1);
-  FALCON_CHECK_DTYPE(parents, at::kLong);
+  check_tree_build_args(parents, prefix_len, dtype);  // shapes only; the kernel checks the values
   const int64_t n = parents.numel();
-  TORCH_CHECK(n >= 1, "parents must hold at least the root node, got an empty tensor");
-  TORCH_CHECK(prefix_len >= 0, "prefix_len must be >= 0, got ", prefix_len);
-  TORCH_CHECK(at::isFloatingType(dtype), "dtype must be a floating type for the additive mask, got ", dtype);
   const c10::cuda::CUDAGuard guard(parents.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor par = parents.contiguous();

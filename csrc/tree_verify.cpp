@@ -35,6 +35,14 @@ void check_verify_args(const at::Tensor& scores, const char* scores_name, const 
               " and ", parents.device());
 }
 
+void check_sample_uniforms(const at::Tensor& uniforms, const at::Tensor& probs) {
+  FALCON_CHECK_DIM(uniforms, 1);
+  FALCON_CHECK_DTYPE(uniforms, at::kFloat);
+  TORCH_CHECK(uniforms.numel() == probs.size(0) + 1, "uniforms must have N + 1 = ", probs.size(0) + 1,
+              " entries (one per node, one for the last draw), got ", uniforms.numel());
+  FALCON_CHECK_SAME_DEVICE(uniforms, probs);
+}
+
 namespace {
 
 // Host-side value checks: a valid tree and every draft token inside the vocabulary.
@@ -171,11 +179,7 @@ std::tuple<at::Tensor, at::Tensor> tree_verify_greedy_cpu(const at::Tensor& logi
 std::tuple<at::Tensor, at::Tensor> tree_verify_sample_cpu(const at::Tensor& probs, const at::Tensor& tokens,
                                                           const at::Tensor& parents, const at::Tensor& uniforms) {
   check_verify_args(probs, "probs", tokens, parents);
-  FALCON_CHECK_DIM(uniforms, 1);
-  FALCON_CHECK_DTYPE(uniforms, at::kFloat);
-  TORCH_CHECK(uniforms.numel() == probs.size(0) + 1, "uniforms must have N + 1 = ", probs.size(0) + 1,
-              " entries (one per node, one for the last draw), got ", uniforms.numel());
-  FALCON_CHECK_SAME_DEVICE(uniforms, probs);
+  check_sample_uniforms(uniforms, probs);
   check_tree_and_tokens_cpu(tokens, parents, probs.size(1));
   const auto tok = tokens.accessor<int64_t, 1>();
   const auto u = uniforms.accessor<float, 1>();

@@ -229,53 +229,42 @@ __global__ void __launch_bounds__(kThreads)
   write_outputs(path, result, n, count, next_token);
 }
 
-struct VerifyInputs {
-  at::Tensor scores, tokens, parents, path, result;
-};
-
-VerifyInputs prepare(const at::Tensor& scores, const char* name, const at::Tensor& tokens, const at::Tensor& parents) {
-  check_verify_args(scores, name, tokens, parents);
-  const at::Tensor tok = tokens.contiguous();
-  return {scores.contiguous(), tok, parents.contiguous(), at::empty({tok.numel()}, tok.options()),
-          at::empty({2}, tok.options())};
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> tree_verify_greedy_cuda(const at::Tensor& logits, const at::Tensor& tokens,
                                                            const at::Tensor& parents) {
+  check_verify_args(logits, "logits", tokens, parents);  // before the guard: all on one CUDA device
   const c10::cuda::CUDAGuard guard(logits.device());
-  const VerifyInputs in = prepare(logits, "logits", tokens, parents);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(), "tree_verify_greedy_cuda", [&] {
+  const at::Tensor scores = logits.contiguous(), tok = tokens.contiguous(), par = parents.contiguous();
+  at::Tensor path = at::empty({tok.numel()}, tok.options()), result = at::empty({2}, tok.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "tree_verify_greedy_cuda", [&] {
     verify_greedy_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
-        in.scores.data_ptr<scalar_t>(), in.tokens.data_ptr<int64_t>(), in.parents.data_ptr<int64_t>(),
-        in.scores.size(0), in.scores.size(1), in.path.data_ptr<int64_t>(), in.result.data_ptr<int64_t>());
+        scores.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(), par.data_ptr<int64_t>(), scores.size(0),
+        scores.size(1), path.data_ptr<int64_t>(), result.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {in.path, in.result};
+  return {path, result};
 }
 
 std::tuple<at::Tensor, at::Tensor> tree_verify_sample_cuda(const at::Tensor& probs, const at::Tensor& tokens,
                                                            const at::Tensor& parents, const at::Tensor& uniforms) {
+  check_verify_args(probs, "probs", tokens, parents);
+  check_sample_uniforms(uniforms, probs);
   const c10::cuda::CUDAGuard guard(probs.device());
-  const VerifyInputs in = prepare(probs, "probs", tokens, parents);
-  FALCON_CHECK_DIM(uniforms, 1);
-  FALCON_CHECK_DTYPE(uniforms, at::kFloat);
-  TORCH_CHECK(uniforms.numel() == probs.size(0) + 1, "uniforms must have N + 1 = ", probs.size(0) + 1,
-              " entries (one per node, one for the last draw), got ", uniforms.numel());
-  FALCON_CHECK_SAME_DEVICE(uniforms, probs);
-  const at::Tensor u = uniforms.contiguous();
-  const at::Tensor rejected_at = at::empty({probs.size(1)}, in.tokens.options());  // kernel initialises it
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(), "tree_verify_sample_cuda", [&] {
+  const at::Tensor scores = probs.contiguous(), tok = tokens.contiguous(), par = parents.contiguous();
+  const at::Tensor u = uniforms.contiguous();
+  at::Tensor path = at::empty({tok.numel()}, tok.options()), result = at::empty({2}, tok.options());
+  const at::Tensor rejected_at = at::empty({scores.size(1)}, tok.options());  // the kernel initialises it
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "tree_verify_sample_cuda", [&] {
     verify_sample_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
-        in.scores.data_ptr<scalar_t>(), in.tokens.data_ptr<int64_t>(), in.parents.data_ptr<int64_t>(),
-        u.data_ptr<float>(), in.scores.size(0), in.scores.size(1), rejected_at.data_ptr<int64_t>(),
-        in.path.data_ptr<int64_t>(), in.result.data_ptr<int64_t>());
+        scores.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(), par.data_ptr<int64_t>(), u.data_ptr<float>(),
+        scores.size(0), scores.size(1), rejected_at.data_ptr<int64_t>(), path.data_ptr<int64_t>(),
+        result.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {in.path, in.result};
+  return {path, result};
 }
 
 }  // namespace falcon_ext

@@ -380,6 +380,7 @@ BAD_KV = [
     (lambda kv, p: ([kv[0], kv[1][0]], p), 0, "kv\\[1\\] must have shape \\[B, H, S, D\\]"),
     (lambda kv, p: ([kv[0], kv[1].half()], p), 0, "one dtype"),
     (lambda kv, p: ([kv[0].long()], p), 0, "float32, float16 or bfloat16"),
+    (lambda kv, p: ([kv[0][:, :, :1].expand(1, 2, 10, 4)], p), 0, "kv\\[0\\] has elements sharing memory"),
 ]
 
 
