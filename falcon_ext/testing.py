@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-# ---- trees ----
+# ---- trees and op inputs ----
 
 
 def random_tree(n: int, generator: torch.Generator, shape: str = "random") -> torch.Tensor:
@@ -45,6 +45,40 @@ def distinct_sibling_tokens(parents: torch.Tensor, vocab: int, generator: torch.
             raise ValueError(f"node {node} has {len(children)} children, more than vocab {vocab}")
         tokens[children] = torch.randperm(vocab, generator=generator)[: len(children)]
     return tokens
+
+
+def greedy_inputs(n: int, vocab: int, shape: str, dtype: torch.dtype, seed: int):
+    """(logits [n, vocab], tokens, parents) whose greedy verification accepts a random-length
+    prefix of a random root-to-leaf path (the target's argmax is forced along it)."""
+    g = torch.Generator().manual_seed(seed)
+    parents = random_tree(n, g, shape)
+    tokens = distinct_sibling_tokens(parents, vocab, g)
+    logits = torch.randn(n, vocab, generator=g)
+    chain = [int(torch.randint(0, n, (1,), generator=g))]
+    while chain[-1] > 0:
+        chain.append(int(parents[chain[-1]]))
+    for child, parent in zip(chain[:-1], chain[1:]):  # the target's argmax at parent = child's token
+        logits[parent, tokens[child]] = logits[parent].max() + 1.0
+    return logits.to(dtype), tokens, parents
+
+
+def sample_inputs(n: int, vocab: int, shape: str, dtype: torch.dtype, seed: int):
+    """(probs [n, vocab], tokens, parents, uniforms [n + 1]): peaked target weights with some
+    exact zeros; each node's first child drafts the target's favourite token (so that sampling
+    accepts a few nodes, as with a good drafter), its other children distinct other tokens."""
+    g = torch.Generator().manual_seed(seed)
+    parents = random_tree(n, g, shape)
+    probs = torch.softmax(5 * torch.randn(n, vocab, generator=g), dim=-1)
+    probs[torch.rand(n, vocab, generator=g) < 0.2] = 0
+    tokens = distinct_sibling_tokens(parents, vocab, g)
+    for node in range(n):
+        children = (parents == node).nonzero().flatten()
+        if len(children):
+            favourite = probs[node].argmax()
+            tokens[children[tokens[children] == favourite]] = int(tokens[children[0]])  # keep siblings distinct
+            tokens[children[0]] = favourite
+    uniforms = torch.rand(n + 1, generator=g)
+    return probs.to(dtype), tokens, parents, uniforms
 
 
 def ancestor_matrix(parents: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,13 @@ import torch
 from falcon_ext import ops
 from falcon_ext.testing import (
     distinct_sibling_tokens,
+    greedy_inputs,
     random_tree,
     reference_kv_compact_,
     reference_tree_build,
     reference_verify_greedy,
     reference_verify_sample,
+    sample_inputs,
 )
 
 VOCAB = 111
@@ -32,38 +34,6 @@ def gen(seed: int) -> torch.Generator:
 def seed_of(*parts) -> int:
     """A fixed seed per test case (str hashes vary between processes; crc32 does not)."""
     return zlib.crc32(repr(parts).encode())
-
-
-def greedy_case(n: int, shape: str, dtype: torch.dtype, seed: int):
-    """Logits that accept a random-length prefix of a random root-to-leaf path."""
-    g = gen(seed)
-    parents = random_tree(n, g, shape)
-    tokens = distinct_sibling_tokens(parents, VOCAB, g)
-    logits = torch.randn(n, VOCAB, generator=g)
-    node = int(torch.randint(0, n, (1,), generator=g))
-    chain = [node]
-    while chain[-1] > 0:
-        chain.append(int(parents[chain[-1]]))
-    for child, parent in zip(chain[:-1], chain[1:]):  # the target's argmax at parent = child's token
-        logits[parent, tokens[child]] = logits[parent].max() + 1.0
-    return logits.to(dtype), tokens, parents
-
-
-def sample_case(n: int, shape: str, dtype: torch.dtype, seed: int):
-    """Target weights with some exact zeros; drafts mostly drawn from the target (realistic acceptance)."""
-    g = gen(seed)
-    parents = random_tree(n, g, shape)
-    probs = torch.softmax(5 * torch.randn(n, VOCAB, generator=g), dim=-1)
-    probs[torch.rand(n, VOCAB, generator=g) < 0.2] = 0
-    tokens = distinct_sibling_tokens(parents, VOCAB, g)
-    for node in range(n):  # a node's first child drafts the target's favourite token
-        children = (parents == node).nonzero().flatten()
-        if len(children):
-            favourite = probs[node].argmax()
-            tokens[children[tokens[children] == favourite]] = int(tokens[children[0]])  # keep siblings distinct
-            tokens[children[0]] = favourite
-    uniforms = torch.rand(n + 1, generator=g)
-    return probs.to(dtype), tokens, parents, uniforms
 
 
 # ---------------------------------------------------------------- tree_build
@@ -136,7 +106,7 @@ def test_tree_build_rejects_bad_arguments():
 def test_verify_greedy_matches_reference(n, shape, dtype):
     accepted = []
     for rep in range(4):
-        logits, tokens, parents = greedy_case(n, shape, dtype, seed_of(n, shape, dtype, rep))
+        logits, tokens, parents = greedy_inputs(n, VOCAB, shape, dtype, seed_of(n, shape, dtype, rep))
         path, result = ops.tree_verify_greedy(logits, tokens, parents)
         ref_path, ref_result = reference_verify_greedy(logits, tokens, parents)
         assert torch.equal(path, ref_path) and torch.equal(result, ref_result)
@@ -206,7 +176,7 @@ def test_verify_rejects_bad_input(mutate, message, data_error):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_verify_sample_matches_reference(n, shape, dtype):
     for rep in range(4):
-        probs, tokens, parents, uniforms = sample_case(n, shape, dtype, seed_of(n, shape, dtype, rep))
+        probs, tokens, parents, uniforms = sample_inputs(n, VOCAB, shape, dtype, seed_of(n, shape, dtype, rep))
         path, result = ops.tree_verify_sample(probs, tokens, parents, uniforms)
         ref_path, ref_result = reference_verify_sample(probs, tokens, parents, uniforms)
         assert torch.equal(path, ref_path) and torch.equal(result, ref_result)
@@ -216,7 +186,7 @@ def test_verify_sample_matches_reference(n, shape, dtype):
 def test_verify_sample_one_hot_target_equals_greedy(shape):
     """A one-hot target leaves nothing to chance: the output is the target's tokens."""
     g = gen(11)
-    logits, tokens, parents = greedy_case(60, shape, torch.float32, 5)
+    logits, tokens, parents = greedy_inputs(60, VOCAB, shape, torch.float32, 5)
     one_hot = torch.nn.functional.one_hot(logits.argmax(-1), VOCAB).float()
     expected = ops.tree_verify_greedy(logits, tokens, parents)
     for _ in range(20):
@@ -226,7 +196,7 @@ def test_verify_sample_one_hot_target_equals_greedy(shape):
 
 def test_verify_sample_invariants():
     g = gen(21)
-    probs, tokens, parents, _ = sample_case(99, "wide", torch.float32, 21)
+    probs, tokens, parents, _ = sample_inputs(99, VOCAB, "wide", torch.float32, 21)
     for _ in range(200):
         path, result = ops.tree_verify_sample(probs, tokens, parents, torch.rand(100, generator=g))
         count, next_token = result.tolist()
@@ -396,7 +366,7 @@ def test_kv_compact_rejects_bad_input(mutate, dst_start, message):
 
 def test_op_schemas():
     parents = torch.tensor([-1, 0, 0, 1])
-    logits, tokens, _ = greedy_case(4, "random", torch.float32, 0)
+    logits, tokens, _ = greedy_inputs(4, VOCAB, "random", torch.float32, 0)
     checks = ("test_schema", "test_autograd_registration")
     torch.library.opcheck(torch.ops.falcon_ext.tree_build, (parents, 3, torch.float16), test_utils=checks)
     torch.library.opcheck(torch.ops.falcon_ext.tree_verify_greedy, (logits, tokens, parents), test_utils=checks)
@@ -443,15 +413,11 @@ def test_cuda_tree_build_rejects_malformed_tree(parents, message):
 def test_cuda_verify_equals_cpu(n, shape, dtype, vocab):
     g = gen(seed_of("cuda-verify", n, shape, dtype, vocab))
     for rep in range(3):
-        logits, tokens, parents = greedy_case(n, shape, dtype, seed_of(n, shape, dtype, vocab, rep))
-        if vocab != VOCAB:  # widen: the forced tokens keep their margin, extra columns stay below it
-            logits = torch.cat([logits, (logits.float().min() - 1).expand(n, vocab - VOCAB).to(dtype)], dim=1)
+        logits, tokens, parents = greedy_inputs(n, vocab, shape, dtype, seed_of(n, shape, dtype, vocab, rep))
         want = ops.tree_verify_greedy(logits, tokens, parents)
         got = ops.tree_verify_greedy(*on_cuda(logits, tokens, parents))
         assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
-        probs, tokens, parents, _ = sample_case(n, shape, dtype, seed_of(n, shape, dtype, vocab, rep))
-        if vocab != VOCAB:
-            probs = torch.cat([probs, torch.rand(n, vocab - VOCAB, generator=g).to(dtype) * 1e-3], dim=1)
+        probs, tokens, parents, _ = sample_inputs(n, vocab, shape, dtype, seed_of(n, shape, dtype, vocab, rep))
         for _ in range(5):
             uniforms = torch.rand(n + 1, generator=g)
             want = ops.tree_verify_sample(probs, tokens, parents, uniforms)

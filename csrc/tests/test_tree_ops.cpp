@@ -18,10 +18,10 @@ namespace {
 
 int failures = 0;
 
-#define CHECK(cond)                                                     \
+#define EXPECT(cond)                                                     \
   do {                                                                  \
     if (!(cond)) {                                                      \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, "%s:%d: EXPECT failed: %s\n", __FILE__, __LINE__, #cond); \
       ++failures;                                                       \
     }                                                                   \
   } while (0)
@@ -46,7 +46,7 @@ at::Tensor longs(std::vector<int64_t> values) {
   return at::tensor(values, at::TensorOptions().dtype(at::kLong));
 }
 
-bool equal(const at::Tensor& a, const at::Tensor& b) { return a.sizes() == b.sizes() && at::equal(a, b); }
+bool same(const at::Tensor& a, const at::Tensor& b) { return a.sizes() == b.sizes() && at::equal(a, b); }
 
 // ---- tree_build
 
@@ -59,9 +59,9 @@ void test_tree_build_small() {
                                       0.f, 0.f, 0.f, -inf, 0.f, -inf,    //
                                       0.f, 0.f, 0.f, 0.f, -inf, 0.f})
                               .view({4, 6});
-  CHECK(equal(mask, want));
-  CHECK(equal(pos, longs({2, 3, 3, 4})));
-  CHECK(equal(paths, longs({0, 2, -1, 0, 1, 3}).view({2, 3})));
+  EXPECT(same(mask, want));
+  EXPECT(same(pos, longs({2, 3, 3, 4})));
+  EXPECT(same(paths, longs({0, 2, -1, 0, 1, 3}).view({2, 3})));
 }
 
 void test_tree_build_random() {
@@ -78,17 +78,17 @@ void test_tree_build_random() {
     std::vector<bool> ancestor(n, false);
     int64_t depth = 0;
     for (int64_t k = i; k != -1; k = parents[k]) ancestor[k] = true, depth += k != i;
-    CHECK(pos[i].item<int64_t>() == prefix + depth);
+    EXPECT(pos[i].item<int64_t>() == prefix + depth);
     for (int64_t j = 0; j < n; ++j) {
       const float v = m[i][prefix + j].item<float>();
-      CHECK(ancestor[j] ? v == 0.f : std::isinf(v) && v < 0);
+      EXPECT(ancestor[j] ? v == 0.f : std::isinf(v) && v < 0);
     }
   }
   // each row of paths: a root-to-leaf chain, -1 padded
   for (int64_t r = 0; r < paths.size(0); ++r) {
-    CHECK(paths[r][0].item<int64_t>() == 0);
+    EXPECT(paths[r][0].item<int64_t>() == 0);
     for (int64_t c = 1; c < paths.size(1) && paths[r][c].item<int64_t>() >= 0; ++c) {
-      CHECK(parents[paths[r][c].item<int64_t>()] == paths[r][c - 1].item<int64_t>());
+      EXPECT(parents[paths[r][c].item<int64_t>()] == paths[r][c - 1].item<int64_t>());
     }
   }
 }
@@ -113,8 +113,8 @@ void test_verify_greedy() {
   at::Tensor logits = at::zeros({4, 8});
   logits[0][4] = 1.f, logits[1][6] = 1.f, logits[2][5] = 1.f, logits[3][1] = 1.f;
   auto [path, result] = falcon_ext::tree_verify_greedy_cpu(logits, longs({0, 3, 4, 5}), longs({-1, 0, 0, 2}));
-  CHECK(equal(path, longs({0, 2, 3, -1})));
-  CHECK(equal(result, longs({3, 1})));
+  EXPECT(same(path, longs({0, 2, 3, -1})));
+  EXPECT(same(result, longs({3, 1})));
 }
 
 void test_verify_sample_one_hot() {
@@ -124,8 +124,8 @@ void test_verify_sample_one_hot() {
   for (float u : {0.f, 0.3f, 0.999f}) {
     const at::Tensor uniforms = at::full({5}, u);
     auto [path, result] = falcon_ext::tree_verify_sample_cpu(probs, longs({0, 3, 4, 5}), longs({-1, 0, 0, 2}), uniforms);
-    CHECK(equal(path, longs({0, 2, 3, -1})));
-    CHECK(equal(result, longs({3, 1})));
+    EXPECT(same(path, longs({0, 2, 3, -1})));
+    EXPECT(same(result, longs({3, 1})));
   }
 }
 
@@ -133,11 +133,11 @@ void test_verify_sample_rejection() {
   // root weights (token: weight) 0: 0.5, 1: 0.25, 2: 0.25; child drafts token 0
   const at::Tensor probs = at::tensor({0.5f, 0.25f, 0.25f, 1.f, 0.f, 0.f}).view({2, 3});
   auto accept = falcon_ext::tree_verify_sample_cpu(probs, longs({0, 0}), longs({-1, 0}), at::tensor({0.f, 0.49f, 0.f}));
-  CHECK(equal(std::get<1>(accept), longs({2, 0})));  // 0.49 * 1 < 0.5: accepted, then token 0 at node 1
+  EXPECT(same(std::get<1>(accept), longs({2, 0})));  // 0.49 * 1 < 0.5: accepted, then token 0 at node 1
   // rejected (0.5 * 1 >= 0.5): residual {1: 0.25, 2: 0.25}; u = 0.6 -> threshold 0.3 -> token 2
   auto reject = falcon_ext::tree_verify_sample_cpu(probs, longs({0, 0}), longs({-1, 0}), at::tensor({0.f, 0.5f, 0.6f}));
-  CHECK(equal(std::get<0>(reject), longs({0, -1})));
-  CHECK(equal(std::get<1>(reject), longs({1, 2})));
+  EXPECT(same(std::get<0>(reject), longs({0, -1})));
+  EXPECT(same(std::get<1>(reject), longs({1, 2})));
 }
 
 void test_verify_malformed() {
@@ -161,7 +161,7 @@ void test_kv_compact_aliasing() {
   // path [0, 2, 5] at dst_start 1: slot 3 is both a destination (j = 2) and a source (j = 1)
   falcon_ext::kv_compact_cpu({kv}, longs({0, 2, 5}), 1);
   const std::vector<float> want = {0, 1, 3, 6, 4, 5, 6, 7};
-  for (int64_t s = 0; s < 8; ++s) CHECK(kv[1][2][s][3].item<float>() == want[s] && kv[0][0][s][0].item<float>() == want[s]);
+  for (int64_t s = 0; s < 8; ++s) EXPECT(kv[1][2][s][3].item<float>() == want[s] && kv[0][0][s][0].item<float>() == want[s]);
 }
 
 void test_kv_compact_malformed() {
@@ -176,7 +176,7 @@ void test_kv_compact_malformed() {
   EXPECT_ERROR(falcon_ext::kv_compact_cpu({kv[0]}, longs({0, 1}), 0), "[B, H, S, D]");
   EXPECT_ERROR(falcon_ext::kv_compact_cpu({kv.narrow(2, 0, 1).expand({1, 2, 10, 4})}, longs({0, 1}), 0),
                "sharing memory");
-  CHECK(equal(kv, before));
+  EXPECT(same(kv, before));
 }
 
 #ifdef FALCON_EXT_WITH_CUDA
@@ -184,20 +184,20 @@ void test_cuda_equals_cpu() {
   const at::Tensor parents = longs({-1, 0, 0, 1, 1, 2, 5, 0});
   const auto cpu_build = falcon_ext::tree_build_cpu(parents, 3, at::kHalf);
   const auto cuda_build = falcon_ext::tree_build_cuda(parents.cuda(), 3, at::kHalf);
-  CHECK(equal(std::get<0>(cuda_build).cpu(), std::get<0>(cpu_build)));
-  CHECK(equal(std::get<2>(cuda_build).cpu(), std::get<2>(cpu_build)));
+  EXPECT(same(std::get<0>(cuda_build).cpu(), std::get<0>(cpu_build)));
+  EXPECT(same(std::get<2>(cuda_build).cpu(), std::get<2>(cpu_build)));
   const at::Tensor probs = at::softmax(at::randn({8, 3000}), -1), tokens = at::randint(0, 3000, {8});
   for (int rep = 0; rep < 20; ++rep) {
     const at::Tensor u = at::rand({9});
     const auto want = falcon_ext::tree_verify_sample_cpu(probs, tokens, parents, u);
     const auto got = falcon_ext::tree_verify_sample_cuda(probs.cuda(), tokens.cuda(), parents.cuda(), u.cuda());
-    CHECK(equal(std::get<1>(got).cpu(), std::get<1>(want)));
+    EXPECT(same(std::get<1>(got).cpu(), std::get<1>(want)));
   }
   at::Tensor kv = at::rand({2, 3, 12, 5});
   at::Tensor kv_cuda = kv.cuda();
   falcon_ext::kv_compact_cpu({kv}, longs({0, 2, 5, 6}), 4);
   falcon_ext::kv_compact_cuda({kv_cuda}, longs({0, 2, 5, 6}).cuda(), 4);
-  CHECK(equal(kv_cuda.cpu(), kv));
+  EXPECT(same(kv_cuda.cpu(), kv));
 }
 #endif
 
