@@ -134,7 +134,7 @@ class FalconDrafter(nn.Module):
         self.down = nn.Linear(M, H, bias=False)
         self.to(device=target.get_input_embeddings().weight.device, dtype=config.torch_dtype)
         self.plan = cdt.TreePlan(config.tree or cdt.chain(config.k * config.num_passes), config.k)
-        self.use_fused = False
+        self.use_fused = True  # False: the plain-PyTorch draft_block (same contract)
         self.reset()
 
     # ---- the target's shared pieces ----
@@ -233,7 +233,7 @@ class FalconDrafter(nn.Module):
 
 
         out, h, c, bk, bv = ops.falcon_draft_step(x, state.h, state.c, ctx_k, ctx_v, br_k, br_v,
-                                                  *self.fused_weights(), self.config.num_heads,
+                                                  self.fused_weights(), self.config.num_heads,
                                                   self.config.rms_norm_eps)
         return out, LSTMState(h, c), bk, bv
 
