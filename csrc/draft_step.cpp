@@ -9,6 +9,8 @@
 //            (PyTorch gate order i, f, g, o; b = b_ih + b_hh), attn_norm [H], w_qkv [3H, H],
 //            w_o [H, H], mlp_norm [H], w_up [M, H], w_down [H, M]
 // -> out [B, k, H] predicted features, h, c [2, B, H], block_k, block_v [B, k, H].
+// encode_only: stop after the LSTM and the block's keys/values (settling accepted context
+// positions, whose outputs nobody reads); out is then [B, k, 0].
 //
 // Stages: LSTM layer 0 and 1 (input projections batched over the block, recurrence sequential),
 // RMSNorm + QKV, attention of the k queries against ctx + branch + block (the relaxed mask
@@ -84,6 +86,11 @@ at::Tensor dense(const at::Tensor& x, const at::Tensor& w, const c10::optional<a
   at::Tensor xw = x.to(w.scalar_type());
   at::Tensor y = bias ? at::addmm(*bias, xw, w.t()) : at::mm(xw, w.t());
   return y.to(at::kFloat);
+}
+
+// A fresh contiguous tensor of dtype: outputs never alias each other or an input.
+at::Tensor own_copy(const at::Tensor& t, at::ScalarType dtype) {
+  return t.to(dtype, false, /*copy=*/true).contiguous();
 }
 
 inline float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
@@ -186,7 +193,7 @@ void attention(const at::Tensor& q, const at::Tensor& ctx_k, const at::Tensor& c
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_draft_step_cpu(
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& ctx_k,
     const at::Tensor& ctx_v, const at::Tensor& br_k, const at::Tensor& br_v, at::TensorList weights,
-    int64_t num_heads, double eps) {
+    int64_t num_heads, double eps, bool encode_only) {
   const DraftStepDims d = check_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps);
   const int64_t B = d.B, k = d.k, H = d.H;
   const auto dtype = x.scalar_type();
@@ -200,11 +207,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_dr
   at::Tensor out0 = lstm_layer(x.to(at::kFloat), w[0], w[1], w[2], h_0, c_0);
   at::Tensor lstm_out = lstm_layer(out0, w[3], w[4], w[5], h_1, c_1).reshape({B * k, H});
 
-  at::Tensor qkv = dense(rms_norm(lstm_out, w[6], eps), w[7]);  // [B*k, 3H]
+  at::Tensor h_out = at::stack({h_0, h_1}).to(dtype), c_out = at::stack({c_0, c_1}).to(dtype);
+  at::Tensor normed = rms_norm(lstm_out, w[6], eps);
+  if (encode_only) {  // settling context: keys/values only, from rows [H, 3H) of w_qkv
+    at::Tensor kv = dense(normed, w[7].narrow(0, H, 2 * H));
+    return {at::empty({B, k, 0}, x.options()), h_out, c_out, own_copy(kv.narrow(1, 0, H), dtype).view({B, k, H}),
+            own_copy(kv.narrow(1, H, H), dtype).view({B, k, H})};
+  }
+  at::Tensor qkv = dense(normed, w[7]);  // [B*k, 3H]
   at::Tensor q = qkv.narrow(1, 0, H).contiguous();
   // The block's keys/values are returned in the cache dtype, and attended to as stored.
-  at::Tensor blk_k = qkv.narrow(1, H, H).to(dtype).contiguous();
-  at::Tensor blk_v = qkv.narrow(1, 2 * H, H).to(dtype).contiguous();
+  at::Tensor blk_k = own_copy(qkv.narrow(1, H, H), dtype);
+  at::Tensor blk_v = own_copy(qkv.narrow(1, 2 * H, H), dtype);
   at::Tensor attn = at::empty({B * k, H}, lstm_out.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "falcon_draft_step_cpu", [&] {
     attention<scalar_t>(q, ctx_k.contiguous(), ctx_v.contiguous(), br_k.contiguous(), br_v.contiguous(), blk_k,
@@ -214,8 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_dr
   at::Tensor resid = lstm_out + dense(attn, w[8]);
   at::Tensor up = dense(rms_norm(resid, w[9], eps), w[10]);
   at::Tensor out = resid + dense(up * at::sigmoid(up), w[11]);
-  return {out.view({B, k, H}).to(dtype), at::stack({h_0, h_1}).to(dtype), at::stack({c_0, c_1}).to(dtype),
-          blk_k.view({B, k, H}), blk_v.view({B, k, H})};
+  return {out.view({B, k, H}).to(dtype), h_out, c_out, blk_k.view({B, k, H}), blk_v.view({B, k, H})};
 }
 
 }  // namespace falcon_ext

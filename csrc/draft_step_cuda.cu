@@ -12,7 +12,8 @@
 //   linear  attn @ w_o^T + residual
 //   rms     -> linear with norm + SiLU epilogue     (MLP up)
 //   linear  @ w_down^T + residual                   (predicted features)
-// Activations and the LSTM state are fp32; weights are read in their own dtype.
+// Activations and the LSTM state are fp32; weights are read in their own dtype. encode_only
+// stops after the LSTM and a key/value-only projection (settling context positions).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -266,7 +267,7 @@ void launch_rms(const at::Tensor& x, at::Tensor& scale, double eps, cudaStream_t
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_draft_step_cuda(
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& ctx_k,
     const at::Tensor& ctx_v, const at::Tensor& br_k, const at::Tensor& br_v, at::TensorList weights,
-    int64_t num_heads, double eps) {
+    int64_t num_heads, double eps, bool encode_only) {
   const DraftStepDims d = check_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps);
   const int64_t B = d.B, k = d.k, H = d.H, R = B * k;
   const c10::cuda::CUDAGuard guard(x.device());
@@ -301,10 +302,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_dr
     launch_lstm<w_t>(gx, w[4], h_init[1], c_1, seq1, B, k, H, stream);
 
     launch_rms(seq1, scale, eps, stream);
+    if (encode_only) {  // settling context: keys/values only, from rows [H, 3H) of w_qkv
+      at::Tensor kv = at::empty({R, 2 * H}, f32);
+      launch_linear<float, w_t>(seq1, w[7].narrow(0, H, 2 * H), nullptr, &scale, &w[6], nullptr, kv, false, stream);
+      blk_k = kv.narrow(1, 0, H).to(dtype, false, /*copy=*/true).contiguous();
+      blk_v = kv.narrow(1, H, H).to(dtype, false, /*copy=*/true).contiguous();
+      return;
+    }
     launch_linear<float, w_t>(seq1, w[7], nullptr, &scale, &w[6], nullptr, qkv, false, stream);
     // The block's keys/values are returned in the cache dtype and attended to as stored.
-    blk_k = qkv.narrow(1, H, H).to(dtype).contiguous();
-    blk_v = qkv.narrow(1, 2 * H, H).to(dtype).contiguous();
+    blk_k = qkv.narrow(1, H, H).to(dtype, false, /*copy=*/true).contiguous();  // never aliases qkv or blk_v
+    blk_v = qkv.narrow(1, 2 * H, H).to(dtype, false, /*copy=*/true).contiguous();
     AttnArgs a{qkv.data_ptr<float>(), ck.data_ptr(), cv.data_ptr(), bk.data_ptr(), bv.data_ptr(), blk_k.data_ptr(),
                blk_v.data_ptr(), attn.data_ptr<float>(), d.S, d.D, k, H, d.head_dim,
                1.f / std::sqrt(float(d.head_dim))};
@@ -322,8 +330,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_dr
   });
   // Final hidden states: each layer's output at the block's last position.
   const at::Tensor h_last = at::stack({seq0.view({B, k, H}).select(1, k - 1), seq1.view({B, k, H}).select(1, k - 1)});
-  return {out.view({B, k, H}).to(dtype), h_last.to(dtype), c.to(dtype), blk_k.view({B, k, H}),
-          blk_v.view({B, k, H})};
+  const at::Tensor features = encode_only ? at::empty({B, k, 0}, x.options()) : out.view({B, k, H}).to(dtype);
+  return {features, h_last.to(dtype), c.to(dtype), blk_k.view({B, k, H}), blk_v.view({B, k, H})};
 }
 
 }  // namespace falcon_ext

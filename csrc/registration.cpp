@@ -15,7 +15,7 @@ TORCH_LIBRARY(falcon_ext, m) {
   // In-place KV compaction of the accepted path, every cache tensor in one call.
   m.def("kv_compact_(Tensor(a!)[] kv, Tensor path, int dst_start) -> ()");
   // One Falcon drafter forward (2-layer LSTM, relaxed attention over the draft KV cache, MLP) for a block.
-  m.def("falcon_draft_step(Tensor x, Tensor h0, Tensor c0, Tensor ctx_k, Tensor ctx_v, Tensor br_k, Tensor br_v, Tensor[] weights, int num_heads, float eps) -> (Tensor out, Tensor h, Tensor c, Tensor block_k, Tensor block_v)");
+  m.def("falcon_draft_step(Tensor x, Tensor h0, Tensor c0, Tensor ctx_k, Tensor ctx_v, Tensor br_k, Tensor br_v, Tensor[] weights, int num_heads, float eps, bool encode_only=False) -> (Tensor out, Tensor h, Tensor c, Tensor block_k, Tensor block_v)");
 }
 
 TORCH_LIBRARY_IMPL(falcon_ext, CPU, m) {

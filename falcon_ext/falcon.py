@@ -211,6 +211,14 @@ class FalconDrafter(nn.Module):
 
     def encode(self, x: torch.Tensor, state: LSTMState):
         """Settle context positions: LSTM from ``state`` over x [1, L, 2H] -> (K [L, H], V [L, H], new state)."""
+        if self.use_fused:
+            from . import ops
+
+            empty = x.new_empty(0, self.config.hidden_size)
+            _, h, c, k, v = ops.falcon_draft_step(x, state.h, state.c, empty, empty, empty[None], empty[None],
+                                                  self.fused_weights(), self.config.num_heads,
+                                                  self.config.rms_norm_eps, encode_only=True)
+            return k[0], v[0], LSTMState(h, c)
         out, (h, c) = self.lstm(x, (state.h, state.c))
         _, k, v = self.qkv(self.attn_norm(out[0])).chunk(3, dim=-1)
         return k, v, LSTMState(h, c)

@@ -67,7 +67,7 @@ def kv_compact_(kv: list[torch.Tensor], path: torch.Tensor, dst_start: int) -> N
 
 
 def falcon_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights: list[torch.Tensor], num_heads: int,
-                      eps: float):
+                      eps: float, encode_only: bool = False):
     """One Falcon drafter forward over a block of k drafted positions for B branches.
 
     2-layer LSTM over the block from (h0, c0) (input projections batched, recurrence
@@ -83,12 +83,14 @@ def falcon_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights: list[torch.T
     Returns:
         out [B, k, H] predicted features, h [2, B, H], c [2, B, H] (state after the block),
         block_k, block_v [B, k, H] (the block's attention keys/values, to extend br_k/br_v).
+        With ``encode_only`` (settling accepted context positions: only their LSTM state and
+        keys/values matter) attention and MLP are skipped and ``out`` is [B, k, 0].
     """
-    return _ops.falcon_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps)
+    return _ops.falcon_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps, encode_only)
 
 
 @torch.library.register_fake("falcon_ext::falcon_draft_step")
-def _falcon_draft_step_fake(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps):
+def _falcon_draft_step_fake(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps, encode_only=False):
     B, k, H = x.shape[0], x.shape[1], x.shape[2] // 2
-    return (x.new_empty(B, k, H), h0.new_empty(h0.shape), c0.new_empty(c0.shape), x.new_empty(B, k, H),
+    return (x.new_empty(B, k, 0 if encode_only else H), h0.new_empty(h0.shape), c0.new_empty(c0.shape), x.new_empty(B, k, H),
             x.new_empty(B, k, H))

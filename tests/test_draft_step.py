@@ -68,10 +68,10 @@ def make_case(H, M, heads, B, k, S, D, seed=0):
     return ref, inputs
 
 
-def run_op(ref, inputs, dtype, device="cpu"):
+def run_op(ref, inputs, dtype, device="cpu", encode_only=False):
     with torch.no_grad():
         w = [t.detach().to(device, dtype) for t in ref.weights()]
-        return ops.falcon_draft_step(*[t.to(device, dtype) for t in inputs], w, ref.heads, ref.eps)
+        return ops.falcon_draft_step(*[t.to(device, dtype) for t in inputs], w, ref.heads, ref.eps, encode_only)
 
 
 def run_ref(ref, inputs, dtype):
@@ -116,10 +116,24 @@ def test_cpu_low_precision_within_twice_plain_error(shape, dtype):
         assert op_err <= 2 * plain_err + eps * e.abs().max().item(), (name, op_err, plain_err)
 
 
-def test_opcheck():
-    ref, inputs = make_case(7, 13, 7, 2, 3, 4, 2)
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_encode_only_matches_reference(shape, device):
+    ref, inputs = make_case(*shape)
+    exact = run_ref(ref, inputs, torch.float64)
+    got = run_op(ref, inputs, torch.float32, device, encode_only=True)
+    B, k, H = shape[3], shape[4], shape[0]
+    assert got[0].shape == (B, k, 0)
+    for g, e in zip(got[1:], exact[1:]):
+        torch.testing.assert_close(g.cpu().double(), e, rtol=2e-5, atol=2e-5 * max(1.0, e.abs().max().item()))
+
+
+@pytest.mark.parametrize("B,k", [(2, 3), (1, 1)])  # B = k = 1: single-row outputs must not alias either
+def test_opcheck(B, k):
+    ref, inputs = make_case(7, 13, 7, B, k, 4, 2)
     w = [t.detach() for t in ref.weights()]
-    torch.library.opcheck(torch.ops.falcon_ext.falcon_draft_step.default, (*inputs, w, 7, 1e-6))
+    for encode_only in (False, True):
+        torch.library.opcheck(torch.ops.falcon_ext.falcon_draft_step.default, (*inputs, w, 7, 1e-6, encode_only))
 
 
 def test_bad_arguments_raise():

@@ -262,3 +262,87 @@ def test_stories260k_target_identity(tmp_path):
     loaded.extend(ids, feats, 42)
     tree = loaded.propose()
     assert int(tree.tokens[0]) == 42 and len(tree) == len(loaded.plan)
+
+
+def engine_drafter(vocab=13, seed=0):
+    from conftest import tiny_model
+
+    target = tiny_model("llama", vocab=vocab, seed=seed)
+    torch.manual_seed(seed)
+    drafter = FalconDrafter(FalconDrafterConfig.for_target(target, k=2, num_heads=4), target)
+    return target, drafter
+
+
+@pytest.mark.parametrize("tree", [chain(6), BUSHY])
+def test_speculative_generate_lossless_greedy(tree):
+    from falcon_ext import speculative_generate
+
+    target, drafter = engine_drafter()
+    drafter.set_tree(tree)
+    for n, max_new in ((1, 30), (5, 17)):
+        ids = torch.randint(1, 13, (1, n), generator=torch.Generator().manual_seed(n))
+        ref = target.generate(ids, do_sample=False, max_new_tokens=max_new, pad_token_id=0,
+                              temperature=None, top_k=None, top_p=None)
+        out = speculative_generate(target, drafter, ids, max_new_tokens=max_new, eos_token_id=None)
+        assert torch.equal(out.sequences, ref)
+        assert max(out.tree_sizes) == len(drafter.plan)  # the drafter's trees were really verified
+
+
+def test_speculative_generate_sampling_runs():
+    from falcon_ext import speculative_generate
+
+    target, drafter = engine_drafter()
+    drafter.set_tree(BUSHY)
+    gen = torch.Generator().manual_seed(0)
+    out = speculative_generate(target, drafter, torch.tensor([[3, 4, 5]]), max_new_tokens=20, temperature=1.0,
+                               eos_token_id=None, generator=gen)
+    assert out.sequences.shape == (1, 23) and int(out.sequences.max()) < 13
+
+
+def test_measured_ranks_predict_engine_acceptance():
+    """cdt_tune's teacher-forced ranks say, step by step, how many nodes greedy verification accepts."""
+    from falcon_ext import cdt_tune, speculative_generate
+
+    target, drafter = engine_drafter(vocab=13, seed=3)
+    drafter.set_tree(BUSHY)
+    ids = torch.tensor([[2, 7, 5]])
+    roots, propose = [], drafter.propose
+
+    def recording_propose():
+        roots.append(drafter.context.length + drafter.context.pending.shape[0])
+        return propose()
+
+    drafter.propose = recording_propose
+    out = speculative_generate(target, drafter, ids, max_new_tokens=40, eos_token_id=None)
+    del drafter.propose
+    seq = out.sequences[0]
+    depth = 6
+    ranks = cdt_tune.measure_ranks(drafter, target, [ids[0]], max_new_tokens=40, passes=depth // 2, max_rank=8)
+    nodes = {tuple(p) for p in BUSHY}
+    checked = 0
+    for root, accepted in zip(roots, out.accept_lengths):
+        row = root - ids.shape[1]
+        if row >= ranks.shape[0]:
+            continue
+        r = ranks[row].tolist()
+        predicted = 1 + max([d for d in range(1, depth + 1) if tuple(r[:d]) in nodes], default=0)
+        assert accepted == predicted, (root, r, accepted)
+        checked += 1
+    assert checked >= 5 and seq.numel() == 43
+    assert sum(out.accept_lengths) > len(out.accept_lengths)  # some drafts were accepted: the check has teeth
+
+
+def test_tree_derivation_from_rates():
+    from falcon_ext import cdt_tune
+
+    ranks = torch.tensor([[0, 0, 1, 8], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [8, 0, 0, 0]])
+    rates = cdt_tune.node_rates(ranks)
+    assert rates[(0,)] == 3 / 5 and rates[(0, 0)] == 2 / 5 and (8,) not in rates and (0, 0, 1, 8) not in rates
+    trees = cdt_tune.best_trees(rates, sizes=(0, 1, 3, 6))
+    assert trees[1] == [[0]] and trees[3] == [[0], [0, 0], [1]]  # ties: the shallower node first
+    for tree in trees.values():  # every prefix of every node is in the tree: a valid CDT
+        TreePlan(tree, 2)
+    assert cdt_tune.expected_accepted(trees[3], rates) == pytest.approx(3 / 5 + 2 / 5 + 1 / 5)
+    costs = {n: {"draft_s": 0.001 * n, "verify_s": 0.01} for n in trees}
+    best, options = cdt_tune.choose(trees, rates, costs)
+    assert best.tokens_per_second == max(o.tokens_per_second for o in options)
