@@ -26,6 +26,15 @@ namespace falcon_ext {
 // Throws with the first offending node; reads nothing out of bounds. CPU tensors only.
 void check_tree_cpu(const at::Tensor& parents);
 
+// Shape / dtype / device checks of the verify ops (no data reads; CPU and CUDA launchers):
+// scores [N, V] float32/float16/bfloat16 with N, V >= 1, tokens and parents [N] int64 on its device.
+void check_verify_args(const at::Tensor& scores, const char* scores_name, const at::Tensor& tokens,
+                       const at::Tensor& parents);
+
+// Shape / dtype / device checks of kv_compact_ (no data reads): path [L >= 1] int64, dst_start >= 0,
+// every kv tensor 4-D, float32/float16/bfloat16, one dtype, on path's device.
+void check_kv_compact_args(at::TensorList kv, const at::Tensor& path, int64_t dst_start);
+
 // ---- tree_build: verification inputs for a draft tree ----
 // parents [N] int64 -> (mask [N, P + N] dtype: 0 = visible, -inf = hidden;
 //                       position_ids [N] int64 = P + depth;
@@ -45,6 +54,12 @@ std::tuple<at::Tensor, at::Tensor> tree_verify_greedy_cpu(const at::Tensor& logi
 // tokens [N] int64, parents [N] int64, uniforms [N + 1] float in [0, 1):
 //   uniforms[i] decides node i's acceptance, uniforms[N] samples the correction/bonus token.
 // -> same outputs as tree_verify_greedy.
+//
+// Float sums over V follow one fixed order in both implementations so that CPU and CUDA agree
+// bit for bit: V is cut into kSampleChunks contiguous chunks of ceil(V / kSampleChunks) tokens
+// (one per CUDA thread); each chunk is summed in token order from 0.f, then the chunk sums are
+// added in chunk order from 0.f (float32 throughout).
+constexpr int64_t kSampleChunks = 1024;
 std::tuple<at::Tensor, at::Tensor> tree_verify_sample_cpu(const at::Tensor& probs, const at::Tensor& tokens,
                                                           const at::Tensor& parents, const at::Tensor& uniforms);
 

@@ -1,0 +1,61 @@
+// kv_compact_, CPU reference: keep the accepted path's KV entries, contiguously, in place.
+//   kv: list of [B, H, S, D] float32/float16/bfloat16 tensors (any strides; one dtype, one device;
+//       shapes may differ per tensor); path [L] int64 on that device, strictly increasing, path[0] == 0
+//   For every tensor: entry dst_start + path[j] moves to dst_start + j.
+// Aliasing: with path [0, 2, 5], slot dst_start+2 is a destination (j = 2) and a source (j = 1).
+// Copying in increasing j is safe because path[j'] > path[j] >= j for j' > j: every source still
+// to be read lies above every slot written so far.
+#include <ATen/ATen.h>
+
+#include "ops.h"
+
+namespace falcon_ext {
+
+void check_kv_compact_args(at::TensorList kv, const at::Tensor& path, int64_t dst_start) {
+  FALCON_CHECK_DIM(path, 1);
+  FALCON_CHECK_DTYPE(path, at::kLong);
+  TORCH_CHECK(path.numel() >= 1, "path must hold at least the root (path[0] == 0), got an empty tensor");
+  TORCH_CHECK(dst_start >= 0, "dst_start must be >= 0, got ", dst_start);
+  for (size_t i = 0; i < kv.size(); ++i) {
+    const at::Tensor& t = kv[i];
+    TORCH_CHECK(t.dim() == 4, "kv[", i, "] must have shape [B, H, S, D], got ", t.sizes());
+    const auto st = t.scalar_type();
+    TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "kv[", i,
+                "] must be float32, float16 or bfloat16, got ", st);
+    TORCH_CHECK(st == kv[0].scalar_type(), "all kv tensors must share one dtype: kv[0] is ", kv[0].scalar_type(),
+                ", kv[", i, "] is ", st);
+    TORCH_CHECK(t.device() == path.device(), "kv[", i, "] and path must be on the same device, got ", t.device(),
+                " and ", path.device());
+  }
+}
+
+namespace {
+
+void check_path_values_cpu(at::TensorList kv, const at::Tensor& path, int64_t dst_start) {
+  const auto p = path.accessor<int64_t, 1>();
+  TORCH_CHECK(p[0] == 0, "path[0] must be 0 (the root stays in place), got ", p[0]);
+  for (int64_t j = 1; j < path.numel(); ++j) {
+    TORCH_CHECK(p[j] > p[j - 1], "path must be strictly increasing, got path[", j - 1, "] = ", p[j - 1], " and path[",
+                j, "] = ", p[j]);
+  }
+  const int64_t last = p[path.numel() - 1];
+  for (size_t i = 0; i < kv.size(); ++i) {
+    TORCH_CHECK(dst_start + last < kv[i].size(2), "dst_start + path[-1] = ", dst_start + last,
+                " is outside kv[", i, "]'s sequence length ", kv[i].size(2));
+  }
+}
+
+}  // namespace
+
+void kv_compact_cpu(at::TensorList kv, const at::Tensor& path, int64_t dst_start) {
+  check_kv_compact_args(kv, path, dst_start);
+  check_path_values_cpu(kv, path, dst_start);
+  const auto p = path.accessor<int64_t, 1>();
+  for (const at::Tensor& t : kv) {
+    for (int64_t j = 0; j < path.numel(); ++j) {  // increasing j: see the aliasing note above
+      if (p[j] != j) t.select(2, dst_start + j).copy_(t.select(2, dst_start + p[j]));
+    }
+  }
+}
+
+}  // namespace falcon_ext

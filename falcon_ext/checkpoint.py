@@ -1,0 +1,127 @@
+"""Falcon drafter checkpoints: config.json + model.safetensors, tied to one target model.
+
+The drafter reuses the target's embedding and LM head, so a checkpoint is only meaningful
+with the target it was trained for. config.json records that target's identity (class, model
+type, sizes, and a fingerprint: fixed samples of the embedding and LM-head weights), and
+loading against another target is an error. The fingerprint is compared with a tolerance so
+the same target loaded in bf16/fp16 instead of fp32 still matches.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "falcon_ext.FalconDrafter"
+_SAMPLES = 64
+# bf16 keeps 8 significant bits (relative error <= 2^-9), so 1e-2 accepts a bf16/fp16 copy of
+# the same weights while two independently initialised or trained matrices differ by O(1).
+_RTOL, _ATOL = 1e-2, 1e-5
+
+
+def _sample(weight: torch.Tensor) -> list[float]:
+    flat = weight.detach().reshape(-1)
+    index = torch.linspace(0, flat.numel() - 1, _SAMPLES, device=flat.device).long()
+    return [float(f"{v:.6g}") for v in flat[index].float().cpu().tolist()]
+
+
+def target_identity(target: nn.Module) -> dict:
+    """What a drafter checkpoint records about its target."""
+    emb = target.get_input_embeddings().weight
+    head = target.get_output_embeddings().weight
+    return {
+        "architecture": type(target).__name__,
+        "model_type": getattr(getattr(target, "config", None), "model_type", None),
+        "hidden_size": int(emb.shape[1]),
+        "vocab_size": int(head.shape[0]),
+        "fingerprint": {"embedding": _sample(emb), "lm_head": _sample(head)},
+    }
+
+
+def check_target(config, target: nn.Module) -> None:
+    """ValueError unless ``target`` is the model ``config`` was made for."""
+    emb = target.get_input_embeddings()
+    head = target.get_output_embeddings()
+    if emb is None or head is None:
+        raise ValueError(f"{type(target).__name__} has no input embedding or LM head; Falcon needs both")
+    if emb.weight.shape[1] != config.hidden_size or head.weight.shape[0] != config.vocab_size:
+        raise ValueError(f"drafter expects hidden_size={config.hidden_size}, vocab_size={config.vocab_size}; "
+                         f"the target has hidden_size={emb.weight.shape[1]}, vocab_size={head.weight.shape[0]}")
+    if not config.target:
+        return
+    found = target_identity(target)
+    for key in ("architecture", "model_type", "hidden_size", "vocab_size"):
+        if config.target.get(key) != found[key]:
+            raise ValueError(f"wrong target: drafter was made for {key}={config.target.get(key)!r}, "
+                             f"got {found[key]!r}")
+    for key, samples in found["fingerprint"].items():
+        expected = torch.tensor(config.target["fingerprint"][key])
+        if expected.shape != (len(samples),) or not torch.allclose(torch.tensor(samples), expected,
+                                                                   rtol=_RTOL, atol=_ATOL):
+            raise ValueError(f"wrong target: its {key} weights do not match the fingerprint recorded with "
+                             f"this drafter (same architecture and sizes, different weights)")
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save(drafter, directory) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in drafter.state_dict().items()}
+    _write_atomic(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    body = {"format": FORMAT, **drafter.config.to_dict()}
+    _write_atomic(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(body, indent=2) + "\n"))
+
+
+def read_config(directory, config_cls):
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a FalconDrafter checkpoint")
+    try:
+        body = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupt (not valid JSON): {e}") from None
+    if not isinstance(body, dict) or body.pop("format", None) != FORMAT:
+        raise ValueError(f"{path} is not a FalconDrafter config (missing \"format\": \"{FORMAT}\")")
+    try:
+        return config_cls(**body)
+    except TypeError as e:
+        raise ValueError(f"{path} has unknown or missing fields: {e}") from None
+
+
+def read_weights(directory, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, checked against ``expected`` (a state_dict) by name and shape."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise ValueError(f"{path} is corrupt or truncated: {e}") from None
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the config: missing {missing}, unexpected {unexpected}")
+    for name, t in tensors.items():
+        if t.shape != expected[name].shape:
+            raise ValueError(f"{path}: {name} has shape {list(t.shape)}, config implies {list(expected[name].shape)}")
+    return tensors
+
+
+def load(cls, directory, target: nn.Module):
+    from .falcon import FalconDrafterConfig
+
+    drafter = cls(read_config(directory, FalconDrafterConfig), target)
+    drafter.load_state_dict(read_weights(directory, drafter.state_dict()))
+    return drafter

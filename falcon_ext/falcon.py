@@ -1,0 +1,283 @@
+"""Falcon's semi-autoregressive drafter (arXiv 2412.12639, section 3.1).
+
+Position i of the drafter reads the pair (f_i, t_{i+1}): the target's feature at token i (its
+last hidden state after the final norm, i.e. what its LM head reads) and the embedding of the
+token one step ahead. Its output predicts f_{i+k}. Body: a 2-layer LSTM (2H -> H), one
+relaxed-causal multi-head attention layer (a query sees every earlier position and every
+position of its own k-block) and an MLP, each with a pre-RMSNorm and a residual. Tokens come
+from the target's LM head, token embeddings from the target's embedding; both stay the target's
+(frozen, never saved with the drafter).
+
+Block alignment (training vs decoding): with ``block_offset = o`` the blocks are
+[o, o+k), [o+k, o+2k), ... and positions before o form a partial block. At decode time the
+first drafting pass queries the last k context positions as one block, i.e. a from-scratch
+forward over T positions reproduces it with ``block_offset = T % k``; later passes feed whole
+drafted blocks. Training with random offsets therefore covers every alignment decoding uses.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint, cdt
+from .drafting import DraftTree
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class FalconDrafterConfig:
+    """Shape and identity of a Falcon drafter. ``for_target`` fills the target-derived fields.
+
+    hidden_size / vocab_size: the target's. k: tokens per drafter forward (paper: 2 is best).
+    num_heads must divide hidden_size. intermediate_size: MLP width. tree: the Custom-Designed
+    Decoding Tree as rank paths (see falcon_ext.cdt); None = a top-1 chain of ``num_passes``.
+    target: the identity recorded by ``checkpoint.target_identity`` (checked on load).
+    """
+
+    hidden_size: int
+    vocab_size: int
+    k: int = 2
+    num_heads: int = 1
+    intermediate_size: int = 0  # 0 = 2 * hidden_size, resolved in __post_init__
+    rms_norm_eps: float = 1e-6
+    dtype: str = "float32"
+    num_passes: int = 4
+    tree: list[list[int]] | None = None
+    target: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.intermediate_size == 0:
+            self.intermediate_size = 2 * self.hidden_size
+        for name in ("hidden_size", "vocab_size", "k", "num_heads", "intermediate_size", "num_passes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"FalconDrafterConfig.{name} must be a positive int, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.tree is not None:
+            self.tree = [list(map(int, p)) for p in self.tree]
+            cdt.TreePlan(self.tree, self.k)  # validates
+
+    @classmethod
+    def for_target(cls, target: nn.Module, **overrides) -> "FalconDrafterConfig":
+        """Config sized for ``target``; head count defaults to head_dim 64 where it divides H."""
+        hidden = target.get_input_embeddings().weight.shape[1]
+        overrides.setdefault("num_heads", hidden // 64 if hidden % 64 == 0 and hidden >= 64 else 1)
+        return cls(hidden_size=hidden, vocab_size=target.get_output_embeddings().weight.shape[0],
+                   target=checkpoint.target_identity(target), **overrides)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in fp32: bf16 sums of squares lose too much at H = 4096.
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def relaxed_block_mask(length: int, k: int, block_offset: int = 0, device=None) -> torch.Tensor:
+    """[T, T] bool, True where query i may see key j: block(j) <= block(i), block(i) = floor((i - o) / k)."""
+    if not 0 <= block_offset < k:
+        raise ValueError(f"block_offset must be in [0, k={k}), got {block_offset}")
+    block = torch.div(torch.arange(length, device=device) - block_offset, k, rounding_mode="floor")
+    return block[None, :] <= block[:, None]
+
+
+@dataclass
+class LSTMState:
+    """LSTM hidden and cell state, [2 layers, B, H] each."""
+
+    h: torch.Tensor
+    c: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> "LSTMState":
+        return LSTMState(self.h.index_select(1, index), self.c.index_select(1, index))
+
+
+class FalconDrafter(nn.Module):
+    """The Falcon drafting head for one target model; also the engine's Drafter (reset/extend/propose)."""
+
+    needs_features = True
+
+    def __init__(self, config: FalconDrafterConfig, target: nn.Module):
+        super().__init__()
+        self.config = config
+        checkpoint.check_target(config, target)
+        # The target's modules are held outside the module tree: not parameters of the drafter,
+        # not in its state_dict, not moved by drafter.to().
+        object.__setattr__(self, "_target", target)
+        H, M = config.hidden_size, config.intermediate_size
+        self.lstm = nn.LSTM(2 * H, H, num_layers=2, batch_first=True)
+        self.attn_norm = RMSNorm(H, config.rms_norm_eps)
+        self.qkv = nn.Linear(H, 3 * H, bias=False)
+        self.o_proj = nn.Linear(H, H, bias=False)
+        self.mlp_norm = RMSNorm(H, config.rms_norm_eps)
+        self.up = nn.Linear(H, M, bias=False)
+        self.down = nn.Linear(M, H, bias=False)
+        self.to(device=target.get_input_embeddings().weight.device, dtype=config.torch_dtype)
+        self.plan = cdt.TreePlan(config.tree or cdt.chain(config.k * config.num_passes), config.k)
+        self.use_fused = False
+        self.reset()
+
+    # ---- the target's shared pieces ----
+    @property
+    def target(self) -> nn.Module:
+        return self._target
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._target.get_input_embeddings()(tokens).to(self.config.torch_dtype)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Token logits of (predicted) features through the target's LM head. [..., H] -> [..., V]."""
+        head = self._target.get_output_embeddings()
+        return head(features.to(head.weight.dtype))
+
+    def pair_inputs(self, features: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """concat(f_i, emb(t_{i+1})): [..., H] and [...] -> [..., 2H] in the drafter's dtype."""
+        return torch.cat([features.to(self.config.torch_dtype), self.embed(next_tokens)], dim=-1)
+
+    # ---- training / full-sequence forward ----
+    def forward(self, features: torch.Tensor, next_tokens: torch.Tensor, block_offset: int = 0,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted features: position i predicts f_{i+k}.
+
+        Shape:
+            features: [B, T, H]; next_tokens: [B, T] int64 (next_tokens[:, i] = t_{i+1});
+            attention_mask: optional [B, T], 1 for real positions, 0 for padding (hidden as keys).
+        Returns [B, T, H] in the drafter's dtype.
+        """
+        B, T, H = self._check_inputs(features, next_tokens)
+        lstm_out, _ = self.lstm(self.pair_inputs(features, next_tokens))
+        mask = relaxed_block_mask(T, self.config.k, block_offset, features.device)[None, None]
+        if attention_mask is not None:
+            if attention_mask.shape != (B, T):
+                raise ValueError(f"attention_mask must be [B, T] = {[B, T]}, got {list(attention_mask.shape)}")
+            mask = mask & attention_mask.bool()[:, None, None, :]
+            mask = mask | torch.eye(T, dtype=torch.bool, device=mask.device)  # padded queries see themselves
+        q, k, v = self._heads(self.qkv(self.attn_norm(lstm_out)))
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self._finish(lstm_out, attn.transpose(1, 2).reshape(B, T, H))
+
+    def _check_inputs(self, features, next_tokens):
+        H = self.config.hidden_size
+        if features.dim() != 3 or features.shape[-1] != H:
+            raise ValueError(f"features must be [B, T, H={H}], got {list(features.shape)}")
+        if next_tokens.shape != features.shape[:2]:
+            raise ValueError(f"next_tokens must be [B, T] = {list(features.shape[:2])}, got {list(next_tokens.shape)}")
+        return features.shape
+
+    def _heads(self, qkv: torch.Tensor):
+        """[B, T, 3H] -> q, k, v as [B, heads, T, head_dim]."""
+        B, T, _ = qkv.shape
+        heads = self.config.num_heads
+        return qkv.view(B, T, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _finish(self, lstm_out: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Output projection + residual, then the MLP block + residual."""
+        h = lstm_out + self.o_proj(attn)
+        return h + self.down(F.silu(self.up(self.mlp_norm(h))))
+
+    # ---- incremental decoding primitives ----
+    def zero_state(self, batch: int = 1) -> LSTMState:
+        z = torch.zeros(2, batch, self.config.hidden_size, dtype=self.config.torch_dtype,
+                        device=self.qkv.weight.device)
+        return LSTMState(z, z.clone())
+
+    def encode(self, x: torch.Tensor, state: LSTMState):
+        """Settle context positions: LSTM from ``state`` over x [1, L, 2H] -> (K [L, H], V [L, H], new state)."""
+        out, (h, c) = self.lstm(x, (state.h, state.c))
+        _, k, v = self.qkv(self.attn_norm(out[0])).chunk(3, dim=-1)
+        return k, v, LSTMState(h, c)
+
+    def draft_block(self, x, state: LSTMState, ctx_k, ctx_v, br_k, br_v):
+        """One drafter forward over a block of k drafted positions per branch (plain PyTorch).
+
+        Every query sees the whole context cache, its branch's earlier drafted blocks and its
+        whole own block (the relaxed mask at decode time hides nothing).
+        Shape: x [B, k, 2H]; state [2, B, H]; ctx_k/ctx_v [S, H]; br_k/br_v [B, D, H].
+        Returns (out [B, k, H], new state, block K [B, k, H], block V [B, k, H]).
+        """
+        B, k, _ = x.shape
+        out, (h, c) = self.lstm(x, (state.h, state.c))
+        q, bk, bv = self.qkv(self.attn_norm(out)).chunk(3, dim=-1)
+        keys = torch.cat([ctx_k.expand(B, -1, -1), br_k, bk], dim=1)
+        values = torch.cat([ctx_v.expand(B, -1, -1), br_v, bv], dim=1)
+        heads, d = self.config.num_heads, self.config.hidden_size // self.config.num_heads
+        split = lambda t: t.view(B, -1, heads, d).transpose(1, 2)  # noqa: E731
+        attn = F.scaled_dot_product_attention(split(q), split(keys), split(values))
+        return self._finish(out, attn.transpose(1, 2).reshape(B, k, -1)), LSTMState(h, c), bk, bv
+
+    def draft_step(self, x, state: LSTMState, ctx_k, ctx_v, br_k, br_v):
+        """:meth:`draft_block` through the fused C++/CUDA op when available (same contract)."""
+        if not self.use_fused:
+            return self.draft_block(x, state, ctx_k, ctx_v, br_k, br_v)
+        from . import ops
+
+
+        out, h, c, bk, bv = ops.falcon_draft_step(x, state.h, state.c, ctx_k, ctx_v, br_k, br_v,
+                                                  *self.fused_weights(), self.config.num_heads,
+                                                  self.config.rms_norm_eps)
+        return out, LSTMState(h, c), bk, bv
+
+    def fused_weights(self) -> list[torch.Tensor]:
+        """Weights in the fused op's order (LSTM biases pre-summed)."""
+        L = self.lstm
+        return [L.weight_ih_l0, L.weight_hh_l0, L.bias_ih_l0 + L.bias_hh_l0,
+                L.weight_ih_l1, L.weight_hh_l1, L.bias_ih_l1 + L.bias_hh_l1,
+                self.attn_norm.weight, self.qkv.weight, self.o_proj.weight,
+                self.mlp_norm.weight, self.up.weight, self.down.weight]
+
+    # ---- Drafter protocol (falcon_ext.drafting) ----
+    def reset(self) -> None:
+        self.context = cdt.DraftContext.empty(self)
+
+    @torch.no_grad()
+    def extend(self, tokens: torch.Tensor, features: torch.Tensor | None, next_token: int) -> None:
+        self.context.extend(self, tokens, features, int(next_token))
+
+    @torch.no_grad()
+    def propose(self) -> DraftTree:
+        return cdt.propose(self, self.context)
+
+    def set_tree(self, paths: list[list[int]]) -> None:
+        """Use another Custom-Designed Decoding Tree (rank paths, see falcon_ext.cdt)."""
+        self.plan = cdt.TreePlan(paths, self.config.k)
+        self.config.tree = [list(p) for p in paths]
+
+    # ---- checkpoints ----
+    def save_pretrained(self, directory) -> None:
+        """Write config.json + model.safetensors (drafter weights only, never the target's)."""
+        checkpoint.save(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, target: nn.Module) -> "FalconDrafter":
+        """Load a drafter saved by :meth:`save_pretrained`; raises ValueError for the wrong target
+        or a corrupt/incomplete checkpoint."""
+        return checkpoint.load(cls, directory, target)
+
+    def weight_bytes(self) -> int:
+        """Bytes of drafter weights one draft step reads (LM head excluded)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def __repr__(self):
+        c = self.config
+        return (f"FalconDrafter(H={c.hidden_size}, k={c.k}, heads={c.num_heads}, mlp={c.intermediate_size}, "
+                f"dtype={c.dtype}, tree={len(self.plan.parents)} nodes)")

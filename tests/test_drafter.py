@@ -1,0 +1,263 @@
+"""FalconDrafter: forward semantics vs an independent reference, incremental state, CDT, checkpoints."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from falcon_ext.cdt import TreePlan, chain
+from falcon_ext.drafting import DraftTree
+from falcon_ext.falcon import FalconDrafter, FalconDrafterConfig
+
+STORIES = Path(__file__).resolve().parents[1] / "falcon_ext" / "models" / "stories260K"
+
+
+class TinyTarget(nn.Module):
+    """Just what a drafter reads from a target: an input embedding and an LM head (odd sizes)."""
+
+    def __init__(self, hidden=7, vocab=111, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.emb = nn.Embedding(vocab, hidden)
+        self.head = nn.Linear(hidden, vocab, bias=False)
+        with torch.no_grad():
+            self.emb.weight.copy_(torch.randn(vocab, hidden, generator=g))
+            self.head.weight.copy_(torch.randn(vocab, hidden, generator=g))
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def make_drafter(hidden=7, k=2, heads=1, seed=0, target=None, **kw):
+    target = target or TinyTarget(hidden)
+    torch.manual_seed(seed)
+    drafter = FalconDrafter(FalconDrafterConfig.for_target(target, k=k, num_heads=heads, **kw), target)
+    with torch.no_grad():  # non-trivial norm weights and LSTM biases so every term is exercised
+        for p in drafter.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return drafter
+
+
+def reference_forward(d: FalconDrafter, features, next_tokens, block_offset):
+    """Independent plain-PyTorch Falcon head: step-by-step LSTM cells, explicit masked softmax."""
+    H, k, heads = d.config.hidden_size, d.config.k, d.config.num_heads
+    x = torch.cat([features, d.target.get_input_embeddings()(next_tokens)], -1).double()
+    B, T, _ = x.shape
+    L = d.lstm
+    layers = [(L.weight_ih_l0, L.weight_hh_l0, L.bias_ih_l0 + L.bias_hh_l0),
+              (L.weight_ih_l1, L.weight_hh_l1, L.bias_ih_l1 + L.bias_hh_l1)]
+    for w_ih, w_hh, b in layers:
+        h = torch.zeros(B, H, dtype=torch.double)
+        c = torch.zeros(B, H, dtype=torch.double)
+        outs = []
+        for t in range(T):
+            i, f, g, o = (x[:, t] @ w_ih.double().T + h @ w_hh.double().T + b.double()).split(H, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outs.append(h)
+        x = torch.stack(outs, 1)
+
+    def rms(v, w):
+        return v / torch.sqrt((v * v).mean(-1, keepdim=True) + d.config.rms_norm_eps) * w.double()
+
+    q, kk, v = (rms(x, d.attn_norm.weight) @ d.qkv.weight.double().T).split(H, -1)
+    dh = H // heads
+    out = torch.zeros(B, T, H, dtype=torch.double)
+    block = [(i - block_offset) // k for i in range(T)]
+    for hd in range(heads):
+        sl = slice(hd * dh, (hd + 1) * dh)
+        scores = q[..., sl] @ kk[..., sl].transpose(1, 2) / dh ** 0.5
+        allowed = torch.tensor([[block[j] <= block[i] for j in range(T)] for i in range(T)])
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[..., sl] = torch.softmax(scores, -1) @ v[..., sl]
+    h = x + out @ d.o_proj.weight.double().T
+    m = rms(h, d.mlp_norm.weight) @ d.up.weight.double().T
+    return h + (m * torch.sigmoid(m)) @ d.down.weight.double().T
+
+
+@pytest.mark.parametrize("hidden,heads,k,offset", [(7, 1, 2, 0), (7, 7, 3, 2), (12, 3, 4, 1), (1, 1, 1, 0)])
+def test_forward_matches_reference(hidden, heads, k, offset):
+    d = make_drafter(hidden, k=k, heads=heads)
+    feats = torch.randn(2, 11, hidden)
+    toks = torch.randint(0, 111, (2, 11))
+    got = d(feats, toks, block_offset=offset)
+    torch.testing.assert_close(got.double(), reference_forward(d, feats, toks, offset), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_bf16_close_to_fp32():
+    d32 = make_drafter(64, heads=4, k=2)
+    d16 = make_drafter(64, heads=4, k=2, dtype="bfloat16")
+    d16.load_state_dict(d32.state_dict())
+    feats, toks = torch.randn(1, 9, 64), torch.randint(0, 111, (1, 9))
+    ref = reference_forward(d32, feats, toks, 1)
+    got = d16(feats, toks, block_offset=1)
+    assert got.dtype == torch.bfloat16
+    err = (got.double() - ref).abs().max() / ref.abs().max()
+    assert err < 3e-2, err
+
+
+def test_relaxed_mask_sees_own_block_not_later_blocks():
+    k, T = 3, 10
+    d = make_drafter(8, k=k, heads=2)
+    feats, toks = torch.randn(1, T, 8), torch.randint(0, 111, (1, T))
+    base = d(feats, toks, block_offset=1)  # blocks [0], [1,4), [4,7), [7,10)
+    changed = feats.clone()
+    changed[0, 5] += 1.0  # position 5, in block [4, 7)
+    out = d(changed, toks, block_offset=1)
+    diff = (out - base).abs().amax(-1)[0]
+    assert torch.all(diff[:4] == 0)  # earlier blocks never see it
+    assert torch.all(diff[4:] > 0)  # its own block sees it (position 4 too: relaxed), later ones too
+
+
+def test_attention_mask_hides_padding():
+    d = make_drafter(7, k=2)
+    feats, toks = torch.randn(1, 6, 7), torch.randint(0, 111, (1, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    padded = d(feats, toks, block_offset=0, attention_mask=mask)[:, :5]
+    short = d(feats[:, :5], toks[:, :5], block_offset=0)
+    torch.testing.assert_close(padded, short)
+
+
+def test_bad_inputs_raise():
+    d = make_drafter(7)
+    with pytest.raises(ValueError, match="features must be"):
+        d(torch.randn(1, 3, 8), torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="next_tokens must be"):
+        d(torch.randn(1, 3, 7), torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="block_offset"):
+        d(torch.randn(1, 3, 7), torch.zeros(1, 3, dtype=torch.long), block_offset=2)
+    with pytest.raises(ValueError, match="num_heads"):
+        FalconDrafterConfig(hidden_size=7, vocab_size=111, num_heads=2)
+    with pytest.raises(ValueError, match="prefix-closed"):
+        TreePlan([[0, 0]], 2)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_incremental_state_matches_from_scratch(k):
+    """After several extends, the first pass (and a second drafted pass) equal a full forward."""
+    d = make_drafter(7, k=k, heads=7)
+    T = 13
+    tokens = torch.randint(0, 111, (T + 1,))  # tokens[T] is the next token
+    feats = torch.randn(T + 1, 7)
+    cuts = [0, 4, 5, 9, T]
+    for a, b in zip(cuts, cuts[1:]):
+        d.extend(tokens[a:b], feats[a:b], int(tokens[b]))
+    ctx = d.context
+    assert ctx.length == T - k and ctx.pending.shape[0] == k
+    full = d(feats[None, :T], tokens[None, 1:T + 1], block_offset=T % k)[0]
+    out1, state, bk, bv = d.draft_block(ctx.pending[None], ctx.state, ctx.keys[:ctx.length],
+                                        ctx.values[:ctx.length], ctx.keys.new_empty(1, 0, 7),
+                                        ctx.keys.new_empty(1, 0, 7))
+    torch.testing.assert_close(out1[0], full[T - k:], rtol=1e-5, atol=1e-5)
+    # Pass 2: drafted pairs (f^_{T+j}, x_{T+j+1}) continue the sequence as one more block.
+    drafted = torch.randint(0, 111, (k,))
+    x2 = d.pair_inputs(out1, drafted[None])
+    out2, _, _, _ = d.draft_block(x2, state, ctx.keys[:ctx.length], ctx.values[:ctx.length], bk, bv)
+    f_all = torch.cat([feats[:T], out1[0]])
+    t_all = torch.cat([tokens[1:T + 1], drafted])
+    full2 = d(f_all[None], t_all[None], block_offset=T % k)[0]
+    torch.testing.assert_close(out2[0], full2[T:], rtol=1e-5, atol=1e-5)
+
+
+BUSHY = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 0, 0, 0], [0, 0, 1, 0],
+         [0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_propose_returns_valid_tree(k):
+    d = make_drafter(7, k=k, heads=1)
+    d.set_tree(BUSHY)
+    tokens, feats = torch.randint(0, 111, (9,)), torch.randn(9, 7)
+    d.extend(tokens[:8], feats[:8], int(tokens[8]))
+    tree = d.propose()
+    assert isinstance(tree, DraftTree) and len(tree) == len(BUSHY) + 1
+    assert int(tree.tokens[0]) == int(tokens[8]) and int(tree.parents[0]) == -1
+    assert all(0 <= int(p) < i for i, p in enumerate(tree.parents.tolist()) if i)
+    assert tree.tokens.dtype == torch.long and 0 <= int(tree.tokens.min()) and int(tree.tokens.max()) < 111
+    # Independent check of every node: follow each node's path, re-running the drafter's blocks.
+    ctx = d.context
+    empty = ctx.keys.new_empty(1, 0, 7)
+    plan = d.plan
+    for n, path in enumerate(plan.paths, start=1):
+        x, state, bk_all, bv_all = ctx.pending[None], ctx.state, empty, empty
+        drafted = []
+        passes = (len(path) - 1) // k + 1
+        for p in range(passes):
+            out, state, bk, bv = d.draft_block(x, state, ctx.keys[:ctx.length], ctx.values[:ctx.length],
+                                               bk_all, bv_all)
+            bk_all, bv_all = torch.cat([bk_all, bk], 1), torch.cat([bv_all, bv], 1)
+            order = d.logits(out)[0].argsort(-1, descending=True)
+            drafted += [int(order[j, path[p * k + j]]) for j in range(k) if p * k + j < len(path)]
+            if p + 1 < passes:
+                x = d.pair_inputs(out, torch.tensor([drafted[p * k:]]))
+        assert int(tree.tokens[n]) == drafted[-1], (path, drafted)
+
+
+def test_short_context_gives_root_only():
+    d = make_drafter(7, k=3)
+    d.extend(torch.tensor([5, 6]), torch.randn(2, 7), 9)
+    tree = d.propose()
+    assert tree.tokens.tolist() == [9] and tree.parents.tolist() == [-1]
+    with pytest.raises(ValueError, match="previous next token"):
+        d.extend(torch.tensor([8]), torch.randn(1, 7), 3)
+    d.reset()
+    with pytest.raises(RuntimeError, match="before extend"):
+        d.propose()
+
+
+def test_tree_plan_passes():
+    plan = TreePlan([[0], [1], [0, 0], [1, 0], [1, 1], [0, 0, 0], [1, 1, 0], [1, 1, 1]], 2)
+    assert plan.num_passes == 2 and plan.depth == 3
+    assert plan.topk == [2, 2]
+    assert plan.parent_branch[1] == [0, 0]  # both depth-2 branch nodes come from the root pass
+    assert plan.parents == [-1, 0, 0, 1, 2, 2, 3, 5, 5]
+    assert len(TreePlan(chain(8), 2)) == 9
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    target = TinyTarget(7, seed=0)
+    d = make_drafter(7, k=2, target=target, tree=[[0], [1], [0, 0]])
+    d.save_pretrained(tmp_path)
+    names = set(json.loads((tmp_path / "config.json").read_text()))
+    assert {"k", "hidden_size", "target", "tree"} <= names
+    loaded = FalconDrafter.from_pretrained(tmp_path, target=target)
+    assert loaded.config == d.config
+    feats, toks = torch.randn(1, 5, 7), torch.randint(0, 111, (1, 5))
+    torch.testing.assert_close(loaded(feats, toks), d(feats, toks), rtol=0, atol=0)
+    assert not any("emb" in n or "head" in n for n in loaded.state_dict())
+    # The same target in bf16 still matches; another target does not.
+    FalconDrafter.from_pretrained(tmp_path, target=TinyTarget(7, seed=0).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="wrong target"):
+        FalconDrafter.from_pretrained(tmp_path, target=TinyTarget(7, seed=1))
+    with pytest.raises(ValueError, match="hidden_size"):
+        FalconDrafter.from_pretrained(tmp_path, target=TinyTarget(8, seed=0))
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        FalconDrafter.from_pretrained(tmp_path, target=target)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        FalconDrafter.from_pretrained(tmp_path, target=target)
+
+
+def test_stories260k_target_identity(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    target = transformers.AutoModelForCausalLM.from_pretrained(STORIES)
+    d = FalconDrafter(FalconDrafterConfig.for_target(target), target)
+    assert d.config.target["architecture"] == "LlamaForCausalLM" and d.config.hidden_size == 64
+    d.save_pretrained(tmp_path)
+    other = transformers.LlamaForCausalLM(target.config)  # same architecture, fresh weights
+    with pytest.raises(ValueError, match="fingerprint"):
+        FalconDrafter.from_pretrained(tmp_path, target=other)
+    ids = torch.tensor([1, 403, 407, 261, 378])
+    with torch.no_grad():
+        feats = target(ids[None], output_hidden_states=True).hidden_states[-1][0]
+    loaded = FalconDrafter.from_pretrained(tmp_path, target=target)
+    loaded.extend(ids, feats, 42)
+    tree = loaded.propose()
+    assert int(tree.tokens[0]) == 42 and len(tree) == len(loaded.plan)
