@@ -77,6 +77,7 @@ class TrainConfig:
     log_every: int = 20
     keep_checkpoints: int = 2
     eval_sequences: int = 32  # held out from the data for the chain acceptance estimate
+    eval_data: str = ""  # a data folder of greedy answers to held-out prompts (used instead)
     eval_passes: int = 4
     allow_partial_data: bool = False
 
@@ -376,7 +377,9 @@ def train(cfg: TrainConfig, model=None) -> FalconDrafter:
     if model is None:
         model, _ = load_target(cfg.target, parse_dtype("float32"), cfg.device)
     meta, seqs = read_data(cfg.data, allow_partial=cfg.allow_partial_data)
-    train_seqs, eval_seqs = split_data(seqs, cfg.eval_sequences)
+    train_seqs, eval_seqs = split_data(seqs, 0 if cfg.eval_data else cfg.eval_sequences)
+    if cfg.eval_data:
+        eval_seqs = read_data(cfg.eval_data)[1]
     steps_per_epoch = max(len(train_seqs) // cfg.batch_size, 1)
     total = cfg.steps or max(int(cfg.epochs * steps_per_epoch), 1)
 
@@ -484,5 +487,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plain", dest="csgd", action="store_false", help="plain distillation (no glancing pass)")
     p.add_argument("--loss-on-prompt", action="store_true")
     p.add_argument("--allow-partial-data", action="store_true", help="train on the finished shards only")
+    p.add_argument("--eval-data", default="", help="data folder of greedy answers to held-out prompts for the "
+                   "final chain acceptance (default: the last --eval-sequences sequences of --data)")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="drafter dtype")
     p.add_argument("--device", default=d.device)
