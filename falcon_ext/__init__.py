@@ -1,5 +1,18 @@
 """falcon_ext: lossless Falcon speculative decoding for Hugging Face causal LMs."""
 from . import ops
 from ._C import compiled_with_cuda
+from .drafting import Drafter, DraftTree
+from .generate import SpeculativeOutput, speculative_generate
+from .prompt_lookup import PromptLookupDrafter
+from .sampling import SamplingConfig
 
-__all__ = ["compiled_with_cuda", "ops"]
+__all__ = [
+    "Drafter",
+    "DraftTree",
+    "PromptLookupDrafter",
+    "SamplingConfig",
+    "SpeculativeOutput",
+    "compiled_with_cuda",
+    "ops",
+    "speculative_generate",
+]

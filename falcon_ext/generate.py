@@ -1,0 +1,316 @@
+"""Lossless tree speculative decoding over an unmodified Hugging Face causal LM.
+
+One step: the drafter proposes a tree rooted at the next token (the token the target already
+chose but has not run yet); ``tree_build`` turns it into a 4D attention mask and depth
+position ids; the target runs the whole tree in one forward over its KV cache; ``tree_verify``
+keeps the longest path the target agrees with (greedy: argmax match; sampling: rejection
+sampling) plus the target's own next token; ``kv_compact_`` keeps the accepted path's cache
+entries. Every emitted token is one the target itself chose, so the output equals the
+target's own decoding (greedy) or follows its distribution (sampling).
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from . import ops
+from .drafting import Drafter, DraftTree
+from .sampling import SamplingConfig, warp_probs
+
+
+@dataclass
+class SpeculativeOutput:
+    """``sequences`` [1, prompt + generated] like ``generate``; per-step statistics."""
+
+    sequences: torch.Tensor
+    accept_lengths: list[int] = field(default_factory=list)  # tokens emitted per target forward
+    tree_sizes: list[int] = field(default_factory=list)  # nodes verified per target forward
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """Tokens emitted per verifying target forward (plain decoding: 1.0)."""
+        return sum(self.accept_lengths) / len(self.accept_lengths) if self.accept_lengths else 0.0
+
+
+@dataclass
+class DecodeState:
+    """What the loop carries between steps."""
+
+    cache: DynamicCache
+    cached_len: int  # tokens whose KV the target cache holds
+    next_token: int  # chosen by the target, not yet run through it: the next tree's root
+    generated: list[int]
+    max_new_tokens: int
+    eos_ids: frozenset[int]
+    done: bool = False
+
+
+@dataclass
+class TargetIO:
+    """How to talk to this particular HF model."""
+
+    model: torch.nn.Module
+    input_device: torch.device
+    cache_kwarg: str  # "cache" (transformers >= 5.2x) or "past_key_values"
+    dtype: torch.dtype
+    max_positions: int | None
+
+
+def _target_io(model) -> TargetIO:
+    params = inspect.signature(model.forward).parameters
+    cache_kwarg = "cache" if "cache" in params else "past_key_values"
+    embeddings = model.get_input_embeddings()
+    return TargetIO(
+        model=model,
+        input_device=embeddings.weight.device,
+        cache_kwarg=cache_kwarg,
+        dtype=embeddings.weight.dtype,
+        max_positions=getattr(model.config, "max_position_embeddings", None),
+    )
+
+
+def _forward(io: TargetIO, input_ids, cache, *, need_features, **kwargs):
+    out = io.model(
+        input_ids=input_ids,
+        use_cache=True,
+        output_hidden_states=need_features,
+        return_dict=True,
+        **{io.cache_kwarg: cache},
+        **kwargs,
+    )
+    features = out.hidden_states[-1][0] if need_features else None
+    return out.logits[0], features
+
+
+def _eos_ids(eos_token_id, generation_config) -> frozenset[int]:
+    if eos_token_id is None:
+        eos_token_id = getattr(generation_config, "eos_token_id", None)
+    if eos_token_id is None:
+        return frozenset()
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+    return frozenset(ids)
+
+
+def _resolve_max_new_tokens(max_new_tokens, generation_config, prompt_len) -> int:
+    if max_new_tokens is None:
+        max_new_tokens = getattr(generation_config, "max_new_tokens", None)
+    if max_new_tokens is None:  # transformers' own fallback: max_length (default 20) in total
+        max_new_tokens = (getattr(generation_config, "max_length", None) or 20) - prompt_len
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    return max_new_tokens
+
+
+def _prepare_prompt(io: TargetIO, input_ids, attention_mask) -> torch.Tensor:
+    """The prompt as a [1, T] tensor on the input device, left padding removed."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError("input_ids must be an integer torch.Tensor of shape [1, T]")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [1, T], got {tuple(input_ids.shape)}")
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"speculative_generate supports batch size 1, got batch {input_ids.shape[0]}")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        input_ids = input_ids[:, attention_mask[0].to(torch.bool).to(input_ids.device)]
+    if input_ids.shape[1] == 0:
+        raise ValueError("the prompt is empty: pass at least one token (e.g. the BOS token)")
+    vocab = io.model.get_output_embeddings().weight.shape[0] if io.model.get_output_embeddings() is not None \
+        else io.model.config.vocab_size
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"input_ids must lie in [0, {vocab}), got values in [{low}, {high}]")
+    return input_ids.to(device=io.input_device, dtype=torch.int64)
+
+
+def _check_length(io: TargetIO, prompt_len: int, max_new_tokens: int):
+    limit = io.max_positions
+    if limit is not None and prompt_len + max_new_tokens > limit:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's {limit} positions (config.max_position_embeddings)")
+    window = getattr(io.model.config, "sliding_window", None)
+    if window is not None and prompt_len + max_new_tokens > window:
+        raise ValueError(f"prompt + max_new_tokens ({prompt_len + max_new_tokens}) exceeds the model's "
+                         f"sliding window ({window}); tree verification needs full attention")
+
+
+def _choose_token(logits_row: torch.Tensor, sampling: SamplingConfig, generator) -> int:
+    """The target's own next token from one row of logits."""
+    if sampling.greedy:
+        return int(logits_row.argmax())
+    probs = warp_probs(logits_row[None], sampling)
+    return int(torch.multinomial(probs.to(_generator_device(generator)), 1, generator=generator))
+
+
+def _generator_device(generator) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def prefill(io: TargetIO, prompt: torch.Tensor, drafter: Drafter, sampling, generator) -> tuple[DynamicCache, int]:
+    """Run the prompt through the target, pick the first token and prime the drafter."""
+    cache = DynamicCache()
+    logits, features = _forward(io, prompt, cache, need_features=drafter.needs_features)
+    first = _choose_token(logits[-1], sampling, generator)
+    drafter.reset()
+    drafter.extend(prompt[0], features, first)
+    return cache, first
+
+
+def draft(drafter: Drafter, state: DecodeState) -> DraftTree:
+    tree = drafter.propose()
+    if not isinstance(tree, DraftTree) or tree.tokens.dim() != 1 or tree.tokens.shape != tree.parents.shape:
+        raise ValueError("the drafter must return a DraftTree with tokens and parents of shape [N]")
+    return tree
+
+
+def build_tree(io: TargetIO, tree: DraftTree, state: DecodeState):
+    """Mask and position ids for the tree; prunes nodes that could only produce tokens past the end."""
+    parents = tree.parents.to(io.input_device)
+    mask, positions, paths = ops.tree_build(parents, state.cached_len, io.dtype)
+    room = state.max_new_tokens - len(state.generated)  # tokens still allowed, incl. the bonus token
+    if paths.shape[1] > room:  # depth + 1 tokens would be emitted along the deepest path
+        tree = _prune(tree, max_depth=room - 1)
+        return build_tree(io, tree, state)
+    return tree, mask, positions
+
+
+def _prune(tree: DraftTree, max_depth: int) -> DraftTree:
+    parents = tree.parents.tolist()
+    depth, keep, new_index = [0] * len(parents), [], {}
+    for i, p in enumerate(parents):
+        depth[i] = 0 if p < 0 else depth[p] + 1
+        if depth[i] <= max_depth:
+            new_index[i] = len(keep)
+            keep.append(i)
+    new_parents = [-1 if parents[i] < 0 else new_index[parents[i]] for i in keep]
+    index = torch.tensor(keep, device=tree.tokens.device)
+    return DraftTree(tree.tokens[index], torch.tensor(new_parents, dtype=torch.int64, device=tree.parents.device))
+
+
+def verify(io: TargetIO, tree: DraftTree, mask, positions, state: DecodeState, need_features: bool):
+    """One target forward over the whole tree."""
+    tokens = tree.tokens.to(io.input_device)
+    if int(tokens[0]) != state.next_token:
+        raise ValueError(f"the drafter's tree root {int(tokens[0])} is not the next token {state.next_token}")
+    return _forward(io, tokens[None], state.cache, need_features=need_features,
+                    attention_mask=mask[None, None], position_ids=positions[None])
+
+
+def accept(logits, tree: DraftTree, sampling: SamplingConfig, generator) -> tuple[list[int], int]:
+    """Accepted node ids (root first) and the target's next token."""
+    tokens = tree.tokens.to(logits.device)
+    parents = tree.parents.to(logits.device)
+    if sampling.greedy:
+        path, result = ops.tree_verify_greedy(logits, tokens, parents)
+    else:
+        uniforms = torch.rand(len(tree) + 1, generator=generator, device=_generator_device(generator))
+        path, result = ops.tree_verify_sample(warp_probs(logits, sampling), tokens, parents,
+                                              uniforms.to(logits.device))
+    count, next_token, *path = torch.cat([result, path]).tolist()  # the step's one host sync
+    if count < 1 or next_token < 0:
+        raise RuntimeError("tree verification failed: malformed tree or out-of-vocabulary draft token")
+    return path[:count], next_token
+
+
+def commit(state: DecodeState, path: list[int]) -> None:
+    """Keep the accepted path's KV entries, contiguous after the prefix, and drop the rest."""
+    layers = state.cache.layers
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for layer in layers:
+        by_device.setdefault(layer.keys.device, []).extend((layer.keys, layer.values))
+    for device, tensors in by_device.items():
+        ops.kv_compact_(tensors, torch.tensor(path, dtype=torch.int64, device=device), state.cached_len)
+    state.cached_len += len(path)
+    # Truncate each layer directly: Cache.crop's argument changed meaning across transformers
+    # releases (absolute length before 5.2x, a negative count of tokens to drop after).
+    for layer in layers:
+        layer.keys = layer.keys[:, :, : state.cached_len]
+        layer.values = layer.values[:, :, : state.cached_len]
+
+
+def emit(state: DecodeState, tokens: list[int], streamer) -> None:
+    """Append tokens, stopping after an EOS or at max_new_tokens."""
+    room = state.max_new_tokens - len(state.generated)
+    tokens = tokens[:room]
+    for i, t in enumerate(tokens):
+        if t in state.eos_ids:
+            tokens = tokens[: i + 1]
+            state.done = True
+            break
+    state.generated.extend(tokens)
+    if len(state.generated) >= state.max_new_tokens:
+        state.done = True
+    if streamer is not None and tokens:
+        streamer.put(torch.tensor(tokens))
+
+
+@torch.no_grad()
+def speculative_generate(
+    model,
+    drafter: Drafter,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    streamer=None,
+    generator: torch.Generator | None = None,
+) -> SpeculativeOutput:
+    """Generate from ``model`` with ``drafter``'s trees, exactly as the target would alone.
+
+    Greedy (``temperature=0``) output is token-identical to ``model.generate(do_sample=False)``;
+    with ``temperature > 0`` tokens follow the distribution ``model.generate(do_sample=True,
+    temperature, top_k, top_p)`` samples from. Unset arguments come from
+    ``model.generation_config``. Batch size 1.
+    """
+    if not isinstance(drafter, Drafter):
+        raise TypeError(f"drafter must implement falcon_ext.Drafter (reset/extend/propose), got {type(drafter)}")
+    io = _target_io(model)
+    gc = getattr(model, "generation_config", None)
+    sampling = SamplingConfig.resolve(gc, temperature, top_k, top_p)
+    prompt = _prepare_prompt(io, input_ids, attention_mask)
+    max_new = _resolve_max_new_tokens(max_new_tokens, gc, prompt.shape[1])
+    _check_length(io, prompt.shape[1], max_new)
+
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    start = time.perf_counter()
+    cache, first = prefill(io, prompt, drafter, sampling, generator)
+    state = DecodeState(cache, prompt.shape[1], first, [], max_new, _eos_ids(eos_token_id, gc))
+    emit(state, [first], streamer)
+    output = SpeculativeOutput(sequences=input_ids, prefill_seconds=time.perf_counter() - start)
+
+    start = time.perf_counter()
+    while not state.done:
+        tree, mask, positions = build_tree(io, draft(drafter, state), state)
+        logits, features = verify(io, tree, mask, positions, state, drafter.needs_features)
+        path, next_token = accept(logits, tree, sampling, generator)
+        commit(state, path)
+        accepted = tree.tokens[torch.tensor(path, device=tree.tokens.device)]
+        emit(state, accepted[1:].tolist() + [next_token], streamer)
+        output.accept_lengths.append(len(path))
+        output.tree_sizes.append(len(tree))
+        state.next_token = next_token
+        if not state.done:
+            drafter.extend(accepted, None if features is None else features[path], next_token)
+    output.decode_seconds = time.perf_counter() - start
+
+    if streamer is not None:
+        streamer.end()
+    new = torch.tensor(state.generated, dtype=input_ids.dtype, device=input_ids.device)
+    output.sequences = torch.cat([input_ids if input_ids.dim() == 2 else input_ids[None], new[None]], dim=1)
+    return output

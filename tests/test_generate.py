@@ -1,0 +1,166 @@
+"""speculative_generate against the target's own generate: token-identical when greedy,
+the same distribution when sampling. References come from transformers, never from falcon_ext."""
+import pytest
+import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from falcon_ext import PromptLookupDrafter, speculative_generate
+from conftest import tiny_model
+from scripted_drafters import RandomTreeDrafter, ScriptedDrafter
+
+STORY_PROMPTS = [
+    "Once upon a time",
+    "Lily wanted to play with the ball. Lily wanted to play with the ball",
+    "The cat sat on the mat. The dog",
+    "Tom and Sue went to the park. They saw a big tree. Tom said,",
+]
+
+
+def greedy_reference(model, ids, max_new_tokens, eos):
+    return model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                          pad_token_id=0, temperature=None, top_k=None, top_p=None)
+
+
+@pytest.mark.parametrize("mode", ["right", "wrong", "mixed"])
+@pytest.mark.parametrize("prompt", STORY_PROMPTS)
+def test_greedy_identical_on_stories260K(stories, prompt, mode):
+    model, tokenizer = stories
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    for max_new in (1, 7, 60):
+        ref = greedy_reference(model, ids, max_new, [1, 2])
+        drafter = ScriptedDrafter(ref[0].tolist(), model.config.vocab_size, mode, seed=max_new)
+        out = speculative_generate(model, drafter, ids, max_new_tokens=max_new, eos_token_id=[1, 2])
+        assert torch.equal(out.sequences, ref), (prompt, mode, max_new)
+        if mode == "right" and max_new == 60:
+            assert out.mean_accepted_tokens > 1.5  # drafts were really accepted, not just skipped
+
+
+@pytest.mark.parametrize("mode", ["right", "wrong", "mixed"])
+def test_greedy_identical_on_tiny_families(tiny, mode):
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(4):
+        ids = torch.randint(1, tiny.config.vocab_size, (1, 1 + 9 * trial), generator=gen)
+        max_new = (5, 40, 23, 64)[trial]
+        ref = greedy_reference(tiny, ids, max_new, None)
+        drafter = ScriptedDrafter(ref[0].tolist(), tiny.config.vocab_size, mode, seed=trial)
+        out = speculative_generate(tiny, drafter, ids, max_new_tokens=max_new, eos_token_id=None)
+        assert torch.equal(out.sequences, ref), (tiny.config.model_type, mode, trial)
+
+
+@pytest.mark.parametrize("branches", [1, 3])
+def test_prompt_lookup_identical_and_accepts(stories, branches):
+    model, tokenizer = stories
+    accepted = []
+    for prompt in STORY_PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        ref = greedy_reference(model, ids, 120, [1, 2])
+        out = speculative_generate(model, PromptLookupDrafter(max_branches=branches), ids,
+                                   max_new_tokens=120, eos_token_id=[1, 2])
+        assert torch.equal(out.sequences, ref)
+        accepted.append(out.mean_accepted_tokens)
+    assert max(accepted) > 1.2  # stories repeat themselves: lookup drafts do get accepted
+
+
+def test_eos_and_max_new_tokens(stories):
+    model, tokenizer = stories
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    ref = greedy_reference(model, ids, 400, [1, 2])
+    assert ref[0, -1].item() in (1, 2)  # the story ends inside the budget
+    for eos in (1, [1, 2], [2, 1]):
+        out = speculative_generate(model, PromptLookupDrafter(), ids, max_new_tokens=400, eos_token_id=eos)
+        assert torch.equal(out.sequences, ref)
+    # generation_config's EOS (set to [1, 2] by load_target) is the default
+    out = speculative_generate(model, PromptLookupDrafter(), ids, max_new_tokens=400)
+    assert torch.equal(out.sequences, ref)
+    # without EOS the budget is met exactly
+    ref = greedy_reference(model, ids, 33, [])
+    drafter = ScriptedDrafter(ref[0].tolist(), 512, "right", seed=3)
+    out = speculative_generate(model, drafter, ids, max_new_tokens=33, eos_token_id=[])
+    assert out.sequences.shape[1] == ids.shape[1] + 33 and torch.equal(out.sequences, ref)
+
+
+def test_left_padding_is_ignored(stories):
+    model, tokenizer = stories
+    ids = tokenizer("The cat sat on the mat.", return_tensors="pt").input_ids
+    padded = torch.cat([torch.zeros(1, 3, dtype=ids.dtype), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    ref = greedy_reference(model, ids, 30, [1, 2])
+    out = speculative_generate(model, PromptLookupDrafter(), padded, attention_mask=mask, max_new_tokens=30)
+    assert torch.equal(out.sequences[:, :3], padded[:, :3]) and torch.equal(out.sequences[:, 3:], ref)
+
+
+def test_streamer_receives_prompt_then_every_token(stories):
+    model, tokenizer = stories
+
+    class Collect:
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    streamer = Collect()
+    out = speculative_generate(model, PromptLookupDrafter(), ids, max_new_tokens=50, streamer=streamer)
+    assert streamer.ended and streamer.chunks[0] == ids[0].tolist()
+    assert sum(streamer.chunks[1:], []) == out.sequences[0, ids.shape[1]:].tolist()
+
+
+def exact_distribution(model, prompt, steps, processors):
+    """P(t_1..t_steps) for every continuation, by enumeration with transformers' own warpers."""
+    vocab = model.config.vocab_size
+    seqs, probs = [prompt], torch.ones(1)
+    for _ in range(steps):
+        batch = torch.tensor(seqs)
+        with torch.no_grad():
+            scores = processors(batch, model(batch).logits[:, -1].double())
+        p = scores.softmax(-1)
+        probs = (probs[:, None] * p).reshape(-1)
+        seqs = [s + [t] for s in seqs for t in range(vocab)]
+    return probs
+
+
+def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's test, cells with expected count < 5 pooled into one."""
+    expected = probs * counts.sum()
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), stat / 2.0))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
+def test_sampling_is_lossless(temperature, top_k, top_p):
+    vocab, steps, runs = 8, 3, 3000
+    model = tiny_model("llama", vocab=vocab, seed=5)
+    prompt = [1, 4, 2]
+    processors = LogitsProcessorList([TemperatureLogitsWarper(temperature)]
+                                     + ([TopKLogitsWarper(top_k)] if top_k else [])
+                                     + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    probs = exact_distribution(model, prompt, steps, processors)
+    counts = torch.zeros(vocab ** steps, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(1234)
+    accepted_drafts = 0
+    for run in range(runs):
+        out = speculative_generate(model, RandomTreeDrafter(vocab, seed=run), torch.tensor([prompt]),
+                                   max_new_tokens=steps, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   eos_token_id=[], generator=generator)
+        t = out.sequences[0, len(prompt):].tolist()
+        counts[(t[0] * vocab + t[1]) * vocab + t[2]] += 1
+        accepted_drafts += sum(n - 1 for n in out.accept_lengths)
+    assert accepted_drafts > runs // 2  # the rejection sampler really accepted drafts
+    assert chi_square_pvalue(counts, probs) > 1e-3
+
+
+def test_sampling_detects_a_biased_sampler():
+    """The chi-square check above has power: a slightly wrong distribution fails it."""
+    probs = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    counts = torch.tensor([0.25, 0.3, 0.45], dtype=torch.float64) * 3000
+    assert chi_square_pvalue(counts, probs) < 1e-3
+    assert chi_square_pvalue(probs * 3000, probs) > 0.5
