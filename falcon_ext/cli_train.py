@@ -1,4 +1,4 @@
-"""`falcon-ext prepare-data`, `falcon-ext train` and `falcon-ext fetch-smollm2` subcommands.
+"""`falcon-ext prepare-data`, `train`, `eval-drafter` and `fetch-smollm2` subcommands.
 
 ``add_train_parsers(subparsers)`` registers them on the main CLI's subparsers; each sets
 ``func`` to a callable taking the parsed args. ``python -m falcon_ext.cli_train`` runs them alone.
@@ -62,11 +62,14 @@ def add_train_parsers(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_prepare_data)
 
+    from .evaluate import add_eval_parser
     from .train import add_train_arguments
 
     t = subparsers.add_parser("train", help="train a Falcon drafter (CSGD or plain)")
     add_train_arguments(t)
     t.set_defaults(func=_train)
+
+    add_eval_parser(subparsers)
 
     f = subparsers.add_parser("fetch-smollm2", help="download SmolLM2-135M-Instruct (GGUF) and convert it once to HF")
     f.add_argument("--cache", default=None, help="cache folder (default $FALCON_EXT_CACHE or ~/.cache/falcon_ext)")

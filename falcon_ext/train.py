@@ -26,26 +26,24 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import Sequences, read_data
 from .falcon import FalconDrafter, FalconDrafterConfig
+from .train_state import load_checkpoint, save_checkpoint
 from .targets import load_target, parse_dtype
 
 
 @dataclass
 class TrainConfig:
     target: str
-    data: str
+    data: list[str]  # one or more folders written by prepare-data (from the same target)
     out: str
     k: int = 2
     steps: int = 0  # 0: derived from epochs
@@ -78,11 +76,14 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_sequences: int = 32  # held out from the data for the chain acceptance estimate
     eval_data: str = ""  # a data folder of greedy answers to held-out prompts (used instead)
+    eval_prompts: list[str] = dataclasses.field(default_factory=list)  # engine evaluation at the end
+    eval_max_new_tokens: int = 128
     eval_passes: int = 4
     allow_partial_data: bool = False
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        self.data = [self.data] if isinstance(self.data, str) else list(self.data)
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.glance_span not in ("random", "first", "last"):
@@ -121,9 +122,10 @@ def make_batch(seqs: Sequences, index: list[int], seq_len: int, loss_on_prompt: 
     target_ok = torch.zeros(B, seq_len, dtype=torch.bool)
     for row, j in enumerate(index):
         L = seqs.tokens[j].numel()
-        # Start so the window still holds answer tokens when it can.
-        hi = max(min(L - seq_len, max(seqs.prompt_lens[j] - 1, 0)), 0)
-        start = int(torch.randint(0, hi + 1, (1,), generator=gen))
+        # Any start, as long as the window still holds some answer tokens when it can.
+        hi = max(L - seq_len, 0)
+        lo = min(max(seqs.prompt_lens[j] + seq_len // 4 - seq_len, 0), hi)
+        start = int(torch.randint(lo, hi + 1, (1,), generator=gen))
         n = min(seq_len, L - start)
         feats[row, :n] = seqs.features[j][start: start + n].float()
         toks[row, :n] = seqs.tokens[j][start: start + n]
@@ -249,65 +251,6 @@ def glance_lambda(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.glance_lambda * (epochs - epoch) / epochs
 
 
-# ---------------------------------------------------------------- checkpoints
-
-def _optimizer_tensors(opt, params: list[str]) -> tuple[dict, dict]:
-    """AdamW state as flat tensors (safetensors) + the param groups (json)."""
-    state = opt.state_dict()
-    tensors = {f"{params[i]}.{key}": v.detach().cpu().contiguous()
-               for i, s in state["state"].items() for key, v in s.items() if torch.is_tensor(v)}
-    groups = [{key: v for key, v in g.items() if key != "params"} for g in state["param_groups"]]
-    return tensors, {"param_groups": groups}
-
-
-def _restore_optimizer(opt, params: list[str], tensors: dict, groups: list[dict]) -> None:
-    state = opt.state_dict()
-    restored = {}
-    for i, name in enumerate(params):
-        keys = {t.split(".")[-1] for t in tensors if t.rsplit(".", 1)[0] == name}
-        if keys:
-            restored[i] = {key: tensors[f"{name}.{key}"] for key in keys}
-    for group, saved in zip(state["param_groups"], groups):
-        group.update({key: tuple(v) if isinstance(v, list) else v for key, v in saved.items()})
-    opt.load_state_dict({"state": restored, "param_groups": state["param_groups"]})
-
-
-def save_checkpoint(out: Path, drafter, opt, step: int, gen: torch.Generator, history: dict, keep: int) -> None:
-    ckpts = out / "checkpoints"
-    final = ckpts / f"step_{step:08d}"
-    tmp = ckpts / f".step_{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    drafter.save_pretrained(tmp)
-    params = [n for n, _ in drafter.named_parameters()]
-    tensors, groups = _optimizer_tensors(opt, params)
-    tensors["rng_state"] = gen.get_state()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, **groups, "history": history}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    latest = out / "latest.json"
-    (out / "latest.json.tmp").write_text(json.dumps({"checkpoint": final.name, "step": step}))
-    os.replace(out / "latest.json.tmp", latest)
-    for old in sorted(ckpts.glob("step_*"))[:-keep]:
-        shutil.rmtree(old)
-
-
-def load_checkpoint(out: Path, drafter, opt, gen: torch.Generator) -> tuple[int, dict]:
-    """Restores the newest checkpoint; returns (step, history), (0, {}) when there is none."""
-    latest = out / "latest.json"
-    if not latest.exists():
-        return 0, {}
-    ckpt = out / "checkpoints" / json.loads(latest.read_text())["checkpoint"]
-    loaded = FalconDrafter.from_pretrained(ckpt, target=drafter.target)
-    drafter.load_state_dict(loaded.state_dict())
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    gen.set_state(tensors.pop("rng_state"))
-    state = json.loads((ckpt / "state.json").read_text())
-    _restore_optimizer(opt, [n for n, _ in drafter.named_parameters()], tensors, state["param_groups"])
-    return state["step"], state["history"]
-
-
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -359,6 +302,17 @@ def split_data(seqs: Sequences, held_out: int) -> tuple[Sequences, Sequences]:
     return part(0, cut), part(cut, len(seqs))
 
 
+def read_all(folders: list[str], allow_partial: bool) -> tuple[list[dict], Sequences]:
+    metas, seqs = [], Sequences([], [], [])
+    for folder in folders:
+        meta, part = read_data(folder, allow_partial=allow_partial)
+        metas.append({"folder": Path(folder).name, "shards_read": meta["shards_read"], **meta["config"]})
+        seqs.tokens += part.tokens
+        seqs.features += part.features
+        seqs.prompt_lens += part.prompt_lens
+    return metas, seqs
+
+
 def build_drafter(cfg: TrainConfig, model) -> FalconDrafter:
     extra = {"num_heads": cfg.num_heads} if cfg.num_heads else {}
     if cfg.intermediate_size:
@@ -367,7 +321,7 @@ def build_drafter(cfg: TrainConfig, model) -> FalconDrafter:
     return FalconDrafter(config, model)
 
 
-def train(cfg: TrainConfig, model=None) -> FalconDrafter:
+def train(cfg: TrainConfig, model=None, tokenizer=None) -> FalconDrafter:
     """Trains (or resumes) a drafter; writes checkpoints, train_log.jsonl and final/ under cfg.out."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -375,8 +329,8 @@ def train(cfg: TrainConfig, model=None) -> FalconDrafter:
     out.mkdir(parents=True, exist_ok=True)
     _check_same_config(out, cfg)
     if model is None:
-        model, _ = load_target(cfg.target, parse_dtype("float32"), cfg.device)
-    meta, seqs = read_data(cfg.data, allow_partial=cfg.allow_partial_data)
+        model, tokenizer = load_target(cfg.target, parse_dtype("float32"), cfg.device)
+    meta, seqs = read_all(cfg.data, cfg.allow_partial_data)
     train_seqs, eval_seqs = split_data(seqs, 0 if cfg.eval_data else cfg.eval_sequences)
     if cfg.eval_data:
         eval_seqs = read_data(cfg.eval_data)[1]
@@ -421,12 +375,21 @@ def train(cfg: TrainConfig, model=None) -> FalconDrafter:
         history["chain_acceptance"] = chain_acceptance(drafter, eval_seqs, cfg.eval_passes)
         history["eval_sequences"] = len(eval_seqs)
         save_checkpoint(out, drafter, opt, step, gen, history, cfg.keep_checkpoints)
+    if cfg.eval_prompts and "mean_accepted_tokens" not in history:
+        from .evaluate import encode_prompts, mean_accepted_tokens
+
+        tokenizer = load_target(cfg.target)[1] if tokenizer is None else tokenizer
+        history["engine_eval"] = mean_accepted_tokens(
+            model, drafter, encode_prompts(tokenizer, cfg.eval_prompts), cfg.eval_max_new_tokens)
+        history["mean_accepted_tokens"] = history["engine_eval"]["mean_accepted_tokens"]
+        save_checkpoint(out, drafter, opt, step, gen, history, cfg.keep_checkpoints)
     drafter.save_pretrained(out / "final")
     (out / "final" / "training.json").write_text(json.dumps(
-        {"train_config": dataclasses.asdict(cfg), "data": meta["config"], "steps": step,
+        {"train_config": dataclasses.asdict(cfg), "data": meta, "steps": step,
          "train_sequences": len(train_seqs), "train_tokens": train_seqs.num_tokens(), **history}, indent=1))
     print(f"drafter in {out / 'final'}; held-out chain acceptance "
-          f"({cfg.eval_passes} passes, k={cfg.k}): {history.get('chain_acceptance', float('nan')):.3f}")
+          f"({cfg.eval_passes} passes, k={cfg.k}): {history.get('chain_acceptance', float('nan')):.3f}; "
+          f"engine mean accepted tokens: {history.get('mean_accepted_tokens', 'not evaluated')}")
     log.close()
     return drafter
 
@@ -473,7 +436,7 @@ def _check_same_config(out: Path, cfg: TrainConfig) -> None:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig("", "", "")
     p.add_argument("--target", required=True, help="model name, HF folder or .gguf (the one the data came from)")
-    p.add_argument("--data", required=True, help="folder written by `falcon-ext prepare-data`")
+    p.add_argument("--data", required=True, nargs="+", help="folder(s) written by `falcon-ext prepare-data`")
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     for name in ("k", "steps", "batch_size", "seq_len", "warmup_steps", "num_heads", "intermediate_size",
                  "seed", "threads", "save_every", "log_every", "keep_checkpoints", "eval_sequences", "eval_passes"):
@@ -489,5 +452,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-partial-data", action="store_true", help="train on the finished shards only")
     p.add_argument("--eval-data", default="", help="data folder of greedy answers to held-out prompts for the "
                    "final chain acceptance (default: the last --eval-sequences sequences of --data)")
+    p.add_argument("--eval-prompts", nargs="*", default=[], help="prompt files for the final engine evaluation "
+                   "(greedy mean accepted tokens)")
+    p.add_argument("--eval-max-new-tokens", type=int, default=d.eval_max_new_tokens)
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="drafter dtype")
     p.add_argument("--device", default=d.device)
