@@ -80,6 +80,7 @@ class TrainConfig:
     eval_max_new_tokens: int = 128
     eval_passes: int = 4
     allow_partial_data: bool = False
+    init: str = ""  # start from this drafter folder (e.g. CSGD fine-tuning of a plain-trained drafter)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -339,6 +340,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> FalconDrafter:
 
     torch.manual_seed(cfg.seed)  # drafter initialisation
     drafter = build_drafter(cfg, model)
+    if cfg.init:
+        drafter.load_state_dict(FalconDrafter.from_pretrained(cfg.init, target=model).state_dict())
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, history = load_checkpoint(out, drafter, opt, gen)
@@ -450,6 +453,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plain", dest="csgd", action="store_false", help="plain distillation (no glancing pass)")
     p.add_argument("--loss-on-prompt", action="store_true")
     p.add_argument("--allow-partial-data", action="store_true", help="train on the finished shards only")
+    p.add_argument("--init", default="", help="start from the weights of this drafter folder")
     p.add_argument("--eval-data", default="", help="data folder of greedy answers to held-out prompts for the "
                    "final chain acceptance (default: the last --eval-sequences sequences of --data)")
     p.add_argument("--eval-prompts", nargs="*", default=[], help="prompt files for the final engine evaluation "

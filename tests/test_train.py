@@ -250,3 +250,21 @@ def test_extract_gguf_checks_hash(tmp_path, monkeypatch):
 def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("FALCON_EXT_CACHE", str(tmp_path))
     assert smollm2.cache_dir() == tmp_path
+
+
+# ---------------------------------------------------------------- evaluation with the engine
+
+def test_engine_evaluation_and_drafter_lookup(tmp_path, stories):
+    from falcon_ext.evaluate import drafter_dir, load_drafter, mean_accepted_tokens
+    from falcon_ext.falcon import FalconDrafter, FalconDrafterConfig
+
+    model, tokenizer = stories
+    torch.manual_seed(0)
+    FalconDrafter(FalconDrafterConfig.for_target(model, k=2), model).save_pretrained(tmp_path / "d")
+    drafter = load_drafter(str(tmp_path / "d"), model)
+    prompts = [tokenizer("Once upon a time").input_ids, tokenizer("Tom had a ball.").input_ids]
+    result = mean_accepted_tokens(model, drafter, prompts, max_new_tokens=12, progress=False)
+    assert result["prompts"] == 2 and result["steps"] >= 2 and result["new_tokens"] == 24
+    assert 1.0 <= result["mean_accepted_tokens"] <= 12
+    with pytest.raises(FileNotFoundError, match="no drafter"):
+        drafter_dir("no-such-drafter")
