@@ -68,6 +68,22 @@ std::tuple<at::Tensor, at::Tensor> tree_verify_sample_cpu(const at::Tensor& prob
 // (strictly increasing, as tree_verify returns them); entry dst_start + path[j] moves to dst_start + j.
 void kv_compact_cpu(at::TensorList kv, const at::Tensor& path, int64_t dst_start);
 
+// ---- falcon_draft_step: one Falcon drafter forward over a block of k positions, B branches ----
+// x [B, k, 2H], h0/c0 [2, B, H], ctx_k/ctx_v [S, H], br_k/br_v [B, D, H],
+// weights (12, in order): w_ih0 [4H, 2H], w_hh0 [4H, H], b0 [4H], w_ih1 [4H, H], w_hh1 [4H, H], b1 [4H],
+//   attn_norm [H], w_qkv [3H, H], w_o [H, H], mlp_norm [H], w_up [M, H], w_down [H, M]; all one dtype/device.
+// -> (out [B, k, H], h [2, B, H], c [2, B, H], block_k [B, k, H], block_v [B, k, H]); see csrc/draft_step.cpp.
+struct DraftStepDims {
+  int64_t B, k, H, M, S, D, heads, head_dim;
+};
+DraftStepDims check_draft_step(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                               const at::Tensor& ctx_k, const at::Tensor& ctx_v, const at::Tensor& br_k,
+                               const at::Tensor& br_v, at::TensorList weights, int64_t num_heads, double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_draft_step_cpu(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& ctx_k,
+    const at::Tensor& ctx_v, const at::Tensor& br_k, const at::Tensor& br_v, at::TensorList weights,
+    int64_t num_heads, double eps);
+
 #ifdef FALCON_EXT_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_build_cuda(const at::Tensor& parents, int64_t prefix_len,
                                                                at::ScalarType dtype);
@@ -76,6 +92,10 @@ std::tuple<at::Tensor, at::Tensor> tree_verify_greedy_cuda(const at::Tensor& log
 std::tuple<at::Tensor, at::Tensor> tree_verify_sample_cuda(const at::Tensor& probs, const at::Tensor& tokens,
                                                            const at::Tensor& parents, const at::Tensor& uniforms);
 void kv_compact_cuda(at::TensorList kv, const at::Tensor& path, int64_t dst_start);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_draft_step_cuda(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& ctx_k,
+    const at::Tensor& ctx_v, const at::Tensor& br_k, const at::Tensor& br_v, at::TensorList weights,
+    int64_t num_heads, double eps);
 #endif
 
 }  // namespace falcon_ext

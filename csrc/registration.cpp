@@ -14,6 +14,8 @@ TORCH_LIBRARY(falcon_ext, m) {
   m.def("tree_verify_sample(Tensor probs, Tensor tokens, Tensor parents, Tensor uniforms) -> (Tensor path, Tensor result)");
   // In-place KV compaction of the accepted path, every cache tensor in one call.
   m.def("kv_compact_(Tensor(a!)[] kv, Tensor path, int dst_start) -> ()");
+  // One Falcon drafter forward (2-layer LSTM, relaxed attention over the draft KV cache, MLP) for a block.
+  m.def("falcon_draft_step(Tensor x, Tensor h0, Tensor c0, Tensor ctx_k, Tensor ctx_v, Tensor br_k, Tensor br_v, Tensor[] weights, int num_heads, float eps) -> (Tensor out, Tensor h, Tensor c, Tensor block_k, Tensor block_v)");
 }
 
 TORCH_LIBRARY_IMPL(falcon_ext, CPU, m) {
@@ -21,6 +23,7 @@ TORCH_LIBRARY_IMPL(falcon_ext, CPU, m) {
   m.impl("tree_verify_greedy", &falcon_ext::tree_verify_greedy_cpu);
   m.impl("tree_verify_sample", &falcon_ext::tree_verify_sample_cpu);
   m.impl("kv_compact_", &falcon_ext::kv_compact_cpu);
+  m.impl("falcon_draft_step", &falcon_ext::falcon_draft_step_cpu);
 }
 
 #ifdef FALCON_EXT_WITH_CUDA
@@ -29,6 +32,7 @@ TORCH_LIBRARY_IMPL(falcon_ext, CUDA, m) {
   m.impl("tree_verify_greedy", &falcon_ext::tree_verify_greedy_cuda);
   m.impl("tree_verify_sample", &falcon_ext::tree_verify_sample_cuda);
   m.impl("kv_compact_", &falcon_ext::kv_compact_cuda);
+  m.impl("falcon_draft_step", &falcon_ext::falcon_draft_step_cuda);
 }
 #endif
 

@@ -34,8 +34,10 @@ class FalconDrafterConfig:
     """Shape and identity of a Falcon drafter. ``for_target`` fills the target-derived fields.
 
     hidden_size / vocab_size: the target's. k: tokens per drafter forward (paper: 2 is best).
-    num_heads must divide hidden_size. intermediate_size: MLP width. tree: the Custom-Designed
-    Decoding Tree as rank paths (see falcon_ext.cdt); None = a top-1 chain of ``num_passes``.
+    num_heads must divide hidden_size. intermediate_size: MLP width. trees: the Custom-Designed
+    Decoding Tree (rank paths, see falcon_ext.cdt) measured for each device type by
+    falcon_ext.cdt_tune; tree: the one used on other devices; neither = a top-1 chain of
+    ``num_passes`` blocks (what an unmeasured drafter gets).
     target: the identity recorded by ``checkpoint.target_identity`` (checked on load).
     """
 
@@ -48,6 +50,7 @@ class FalconDrafterConfig:
     dtype: str = "float32"
     num_passes: int = 4
     tree: list[list[int]] | None = None
+    trees: dict[str, list[list[int]]] = field(default_factory=dict)  # per device type ("cpu", "cuda")
     target: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -64,6 +67,9 @@ class FalconDrafterConfig:
         if self.tree is not None:
             self.tree = [list(map(int, p)) for p in self.tree]
             cdt.TreePlan(self.tree, self.k)  # validates
+        for device_type, paths in self.trees.items():
+            self.trees[device_type] = [list(map(int, p)) for p in paths]
+            cdt.TreePlan(self.trees[device_type], self.k)
 
     @classmethod
     def for_target(cls, target: nn.Module, **overrides) -> "FalconDrafterConfig":
@@ -133,8 +139,10 @@ class FalconDrafter(nn.Module):
         self.up = nn.Linear(H, M, bias=False)
         self.down = nn.Linear(M, H, bias=False)
         self.to(device=target.get_input_embeddings().weight.device, dtype=config.torch_dtype)
-        self.plan = cdt.TreePlan(config.tree or cdt.chain(config.k * config.num_passes), config.k)
-        self.use_fused = False
+        device_type = target.get_input_embeddings().weight.device.type
+        paths = config.trees.get(device_type, config.tree)
+        self.plan = cdt.TreePlan(cdt.chain(config.k * config.num_passes) if paths is None else paths, config.k)
+        self.use_fused = True  # False: the plain-PyTorch draft_block (same contract)
         self.reset()
 
     # ---- the target's shared pieces ----
@@ -233,7 +241,7 @@ class FalconDrafter(nn.Module):
 
 
         out, h, c, bk, bv = ops.falcon_draft_step(x, state.h, state.c, ctx_k, ctx_v, br_k, br_v,
-                                                  *self.fused_weights(), self.config.num_heads,
+                                                  self.fused_weights(), self.config.num_heads,
                                                   self.config.rms_norm_eps)
         return out, LSTMState(h, c), bk, bv
 
@@ -258,9 +266,9 @@ class FalconDrafter(nn.Module):
         return cdt.propose(self, self.context)
 
     def set_tree(self, paths: list[list[int]]) -> None:
-        """Use another Custom-Designed Decoding Tree (rank paths, see falcon_ext.cdt)."""
+        """Draft with another Custom-Designed Decoding Tree (rank paths, see falcon_ext.cdt).
+        Not saved: checkpoints keep ``config.trees`` / ``config.tree``."""
         self.plan = cdt.TreePlan(paths, self.config.k)
-        self.config.tree = [list(p) for p in paths]
 
     # ---- checkpoints ----
     def save_pretrained(self, directory) -> None:

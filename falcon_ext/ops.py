@@ -64,3 +64,31 @@ def kv_compact_(kv: list[torch.Tensor], path: torch.Tensor, dst_start: int) -> N
         path: [L] int64, strictly increasing node ids with path[0] == 0, as tree_verify returns.
     """
     _ops.kv_compact_(kv, path, dst_start)
+
+
+def falcon_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights: list[torch.Tensor], num_heads: int,
+                      eps: float):
+    """One Falcon drafter forward over a block of k drafted positions for B branches.
+
+    2-layer LSTM over the block from (h0, c0) (input projections batched, recurrence
+    sequential), RMSNorm + QKV, attention of the block's queries to the context cache, the
+    branch's earlier blocks and the whole block itself (relaxed mask: nothing hidden), output
+    projection + residual, RMSNorm + SiLU MLP + residual. fp32 accumulation in every dtype.
+
+    Shape:
+        x: [B, k, 2H]; h0, c0: [2, B, H]; ctx_k, ctx_v: [S, H]; br_k, br_v: [B, D, H];
+        weights (one dtype and device with x): w_ih0 [4H, 2H], w_hh0 [4H, H], b0 [4H],
+        w_ih1 [4H, H], w_hh1 [4H, H], b1 [4H] (gate order i, f, g, o; b = b_ih + b_hh),
+        attn_norm [H], w_qkv [3H, H], w_o [H, H], mlp_norm [H], w_up [M, H], w_down [H, M].
+    Returns:
+        out [B, k, H] predicted features, h [2, B, H], c [2, B, H] (state after the block),
+        block_k, block_v [B, k, H] (the block's attention keys/values, to extend br_k/br_v).
+    """
+    return _ops.falcon_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps)
+
+
+@torch.library.register_fake("falcon_ext::falcon_draft_step")
+def _falcon_draft_step_fake(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps):
+    B, k, H = x.shape[0], x.shape[1], x.shape[2] // 2
+    return (x.new_empty(B, k, H), h0.new_empty(h0.shape), c0.new_empty(c0.shape), x.new_empty(B, k, H),
+            x.new_empty(B, k, H))

@@ -174,6 +174,7 @@ def test_propose_returns_valid_tree(k):
     tokens, feats = torch.randint(0, 111, (9,)), torch.randn(9, 7)
     d.extend(tokens[:8], feats[:8], int(tokens[8]))
     tree = d.propose()
+    assert torch.equal(d.propose().tokens, tree.tokens)  # proposing leaves the context untouched
     assert isinstance(tree, DraftTree) and len(tree) == len(BUSHY) + 1
     assert int(tree.tokens[0]) == int(tokens[8]) and int(tree.parents[0]) == -1
     assert all(0 <= int(p) < i for i, p in enumerate(tree.parents.tolist()) if i)

@@ -1,0 +1,214 @@
+"""Derive a Custom-Designed Decoding Tree from measurement, for one drafter on one device.
+
+1. ``measure_ranks``: on held-out prompts, decode the target greedily, then at every position
+   run the drafter's passes along the target's own continuation (teacher forcing) and record,
+   at each depth, the rank of the target's token in the drafter's distribution. A tree node
+   [r1..rd] is accepted by greedy verification exactly when the ranks at depths 1..d are
+   r1..rd, so the empirical frequency of each rank prefix *is* the node's acceptance rate, and a
+   tree's expected accepted tokens per step is the sum of its nodes' rates (no independence
+   assumption across depths).
+2. ``best_trees``: for every size N, the N nodes with the highest rates (prefix-closed, since a
+   node's rate never exceeds its parent's).
+3. ``measure_costs`` times, on this device, ``propose()`` for each candidate tree and one target
+   forward verifying N + 1 tree tokens over a cached prefix; ``choose`` keeps the size with the
+   most tokens per second: (1 + accepted(N)) / (t_draft(N) + t_verify(N + 1)). Extending the
+   drafter and the verify/compaction ops cost about the same for every N and are left out.
+
+CLI: ``python -m falcon_ext.cdt_tune --drafter DIR --target NAME --prompts FILE.jsonl`` writes
+the chosen tree into DIR/config.json under ``trees[<device type>]`` and the measurements into
+DIR/cdt_measurement.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import ops
+from .cdt import TreePlan
+
+SIZES = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
+
+
+@torch.no_grad()
+def measure_ranks(drafter, target, prompts: list[torch.Tensor], *, max_new_tokens: int, passes: int,
+                  max_rank: int = 8, eos_token_id=None) -> torch.Tensor:
+    """[steps, passes * k] ranks of the target's greedy tokens (``max_rank`` = not in the top max_rank)."""
+    depth = passes * drafter.config.k
+    rows = []
+    for ids in tqdm(prompts, desc="measuring acceptance", unit="prompt"):
+        ids = ids.to(target.get_input_embeddings().weight.device).view(1, -1)
+        seq = target.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                              pad_token_id=0, temperature=None, top_k=None, top_p=None)[0]
+        feats = target(seq[None], output_hidden_states=True).hidden_states[-1][0]
+        P = ids.shape[1]
+        drafter.reset()
+        drafter.extend(seq[:P], feats[:P], int(seq[P]))
+        for root in range(P, seq.numel() - depth):  # seq[root] is the tree root, seq[root + d] depth d
+            rows.append(_chain_ranks(drafter, seq[root + 1: root + 1 + depth], passes, max_rank))
+            drafter.extend(seq[root: root + 1], feats[root: root + 1], int(seq[root + 1]))
+    rows = [r for r in rows if r is not None]
+    return torch.tensor(rows, dtype=torch.long).view(-1, depth)
+
+
+def _chain_ranks(drafter, truth: torch.Tensor, passes: int, max_rank: int):
+    """Ranks of ``truth`` (depths 1..passes*k) running the drafter's passes along it."""
+    ctx, k = drafter.context, drafter.config.k
+    if ctx.pending.shape[0] < k:
+        return None
+    x, state = ctx.pending[None], ctx.state
+    br_k = br_v = ctx.keys.new_empty(1, 0, drafter.config.hidden_size)
+    ranks = []
+    for p in range(passes):
+        out, state, bk, bv = drafter.draft_step(x, state, ctx.keys[:ctx.length], ctx.values[:ctx.length], br_k, br_v)
+        logits = drafter.logits(out)[0].float()  # [k, V]
+        block = truth[p * k:(p + 1) * k]
+        true_logit = logits.gather(1, block[:, None])
+        ranks += (logits > true_logit).sum(1).clamp(max=max_rank).tolist()
+        x = drafter.pair_inputs(out, block[None])
+        br_k, br_v = torch.cat([br_k, bk], 1), torch.cat([br_v, bv], 1)
+    return ranks
+
+
+def node_rates(ranks: torch.Tensor, max_rank: int = 8) -> dict[tuple[int, ...], float]:
+    """Acceptance rate of every rank path seen (excluding paths through a miss)."""
+    counts: Counter = Counter()
+    for row in ranks.tolist():
+        for d in range(1, len(row) + 1):
+            if row[d - 1] >= max_rank:
+                break
+            counts[tuple(row[:d])] += 1
+    return {path: c / max(len(ranks), 1) for path, c in counts.items()}
+
+
+def best_trees(rates: dict[tuple[int, ...], float], sizes=SIZES) -> dict[int, list[list[int]]]:
+    """For each size N: the N most often accepted nodes (ties: shallower first, so prefix-closed)."""
+    order = sorted(rates, key=lambda p: (-rates[p], len(p), p))
+    return {n: [list(p) for p in order[:n]] for n in sizes if n <= len(order)}
+
+
+def expected_accepted(tree: list[list[int]], rates) -> float:
+    return sum(rates.get(tuple(p), 0.0) for p in tree)
+
+
+def _median_time(fn, device, rounds: int) -> float:
+    times = []
+    for _ in range(rounds + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])  # the first call warms caches/allocators
+
+
+@torch.no_grad()
+def measure_costs(drafter, target, trees: dict[int, list[list[int]]], *, prefix_len: int = 128,
+                  rounds: int = 7) -> dict[int, dict[str, float]]:
+    """Seconds per step on this device: drafting each tree and verifying its N + 1 tokens."""
+    from transformers import DynamicCache
+
+    from .generate import _forward, _target_io
+
+    io = _target_io(target)
+    device = io.input_device
+    prefix = torch.randint(3, drafter.config.vocab_size, (1, prefix_len), device=device,
+                           generator=torch.Generator(device).manual_seed(0))
+    cache = DynamicCache()
+    _, feats = _forward(io, prefix, cache, need_features=True)
+    drafter.reset()
+    drafter.extend(prefix[0, :-1], feats[:-1], int(prefix[0, -1]))
+
+    def verify(n_nodes):
+        parents = torch.arange(-1, n_nodes - 1, device=device)  # chain: the cost depends on N, not shape
+        mask, positions, _ = ops.tree_build(parents, prefix_len, io.dtype)
+        _forward(io, prefix[:, :n_nodes], cache, need_features=True,
+                 attention_mask=mask[None, None], position_ids=positions[None])
+        for layer in cache.layers:  # drop the tree again, as the engine's compaction would
+            layer.keys, layer.values = layer.keys[:, :, :prefix_len], layer.values[:, :, :prefix_len]
+
+    costs = {}
+    for n, tree in tqdm(sorted(trees.items()), desc="timing trees", unit="tree"):
+        if n:
+            drafter.set_tree(tree)
+        draft = _median_time(drafter.propose, device, rounds) if n else 0.0
+        costs[n] = {"draft_s": draft, "verify_s": _median_time(lambda: verify(n + 1), device, rounds)}
+    return costs
+
+
+@dataclass
+class TreeChoice:
+    size: int
+    tree: list[list[int]]
+    expected_tokens: float  # per step, incl. the target's own token
+    draft_seconds: float
+    verify_seconds: float
+    tokens_per_second: float
+
+
+def choose(trees, rates, costs) -> tuple[TreeChoice, list[TreeChoice]]:
+    options = []
+    for n, tree in sorted(trees.items()):
+        tokens = 1.0 + expected_accepted(tree, rates)
+        draft, verify = costs[n]["draft_s"], costs[n]["verify_s"]
+        options.append(TreeChoice(n, tree, tokens, draft, verify, tokens / (draft + verify)))
+    return max(options, key=lambda o: o.tokens_per_second), options
+
+
+def _read_prompts(path: Path, tokenizer) -> list[torch.Tensor]:
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    texts = [json.loads(ln).get("prompt") or json.loads(ln)["text"] for ln in lines] if path.suffix == ".jsonl" \
+        else lines
+    return [tokenizer(t, return_tensors="pt").input_ids[0] for t in texts]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--drafter", required=True, help="FalconDrafter checkpoint folder (updated in place)")
+    p.add_argument("--target", required=True, help="target name or folder (falcon_ext.targets.load_target)")
+    p.add_argument("--prompts", required=True, help="held-out prompts: .jsonl ({'prompt'|'text'}) or .txt lines")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--passes", type=int, default=4, help="deepest tree considered, in drafter passes")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    args = p.parse_args(argv)
+    from .falcon import FalconDrafter
+    from .targets import load_target
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target, tokenizer = load_target(args.target, getattr(torch, args.dtype), args.device)
+    drafter = FalconDrafter.from_pretrained(args.drafter, target=target)
+    eos = getattr(target.generation_config, "eos_token_id", None)
+    ranks = measure_ranks(drafter, target, _read_prompts(Path(args.prompts), tokenizer),
+                          max_new_tokens=args.max_new_tokens, passes=args.passes, eos_token_id=eos)
+    rates = node_rates(ranks)
+    trees = best_trees(rates)
+    costs = measure_costs(drafter, target, trees)
+    best, options = choose(trees, rates, costs)
+    device_type = torch.device(args.device).type
+    drafter.config.trees[device_type] = best.tree
+    drafter.save_pretrained(args.drafter)
+    report = {"device": device_type, "steps_measured": len(ranks), "chosen": asdict(best),
+              "options": [{k: v for k, v in asdict(o).items() if k != "tree"} for o in options],
+              "node_rates": {",".join(map(str, k)): v for k, v in sorted(rates.items(), key=lambda kv: -kv[1])[:128]}}
+    (Path(args.drafter) / "cdt_measurement.json").write_text(json.dumps(report, indent=1) + "\n")
+    for o in options:
+        print(f"N={o.size:3d} tokens/step={o.expected_tokens:.3f} draft ms={o.draft_seconds * 1e3:.2f} "
+              f"verify ms={o.verify_seconds * 1e3:.2f} tokens/s={o.tokens_per_second:.1f}")
+    print(f"chosen for {device_type}: N={best.size} ({best.expected_tokens:.2f} tokens/step, "
+          f"{best.tokens_per_second:.1f} tokens/s predicted); written to {args.drafter}")
+
+
+if __name__ == "__main__":
+    main()
