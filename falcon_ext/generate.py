@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,9 @@ class SpeculativeOutput:
     tree_sizes: list[int] = field(default_factory=list)  # nodes verified per target forward
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    # With profile=True: seconds per decoding stage (draft, tree_build, verify, accept, commit,
+    # emit, drafter_update), the device synchronised at each boundary.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def mean_accepted_tokens(self) -> float:
@@ -51,6 +55,28 @@ class DecodeState:
     done: bool = False
 
 
+class StageTimer:
+    """Accumulates wall time per stage; a no-op unless enabled (timing needs device syncs)."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled, self.device, self.seconds = enabled, device, {}
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        if not self.enabled:
+            yield
+            return
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
 @dataclass
 class TargetIO:
     """How to talk to this particular HF model."""
@@ -59,6 +85,7 @@ class TargetIO:
     input_device: torch.device
     cache_kwarg: str  # "cache" (transformers >= 5.2x) or "past_key_values"
     dtype: torch.dtype
+    vocab_size: int  # rows of the LM head: the ids the target can read and emit
     max_positions: int | None
 
 
@@ -71,6 +98,7 @@ def _target_io(model) -> TargetIO:
         input_device=embeddings.weight.device,
         cache_kwarg=cache_kwarg,
         dtype=embeddings.weight.dtype,
+        vocab_size=min(embeddings.weight.shape[0], getattr(model.config, "vocab_size", None) or embeddings.weight.shape[0]),
         max_positions=getattr(model.config, "max_position_embeddings", None),
     )
 
@@ -126,11 +154,9 @@ def _prepare_prompt(io: TargetIO, input_ids, attention_mask) -> torch.Tensor:
         input_ids = input_ids[:, attention_mask[0].to(torch.bool).to(input_ids.device)]
     if input_ids.shape[1] == 0:
         raise ValueError("the prompt is empty: pass at least one token (e.g. the BOS token)")
-    vocab = io.model.get_output_embeddings().weight.shape[0] if io.model.get_output_embeddings() is not None \
-        else io.model.config.vocab_size
     low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab:
-        raise ValueError(f"input_ids must lie in [0, {vocab}), got values in [{low}, {high}]")
+    if low < 0 or high >= io.vocab_size:
+        raise ValueError(f"input_ids must lie in [0, {io.vocab_size}), got values in [{low}, {high}]")
     return input_ids.to(device=io.input_device, dtype=torch.int64)
 
 
@@ -167,10 +193,17 @@ def prefill(io: TargetIO, prompt: torch.Tensor, drafter: Drafter, sampling, gene
     return cache, first
 
 
-def draft(drafter: Drafter, state: DecodeState) -> DraftTree:
+def draft(io: TargetIO, drafter: Drafter, state: DecodeState) -> DraftTree:
+    """The drafter's tree, checked before it can reach an embedding lookup."""
     tree = drafter.propose()
-    if not isinstance(tree, DraftTree) or tree.tokens.dim() != 1 or tree.tokens.shape != tree.parents.shape:
-        raise ValueError("the drafter must return a DraftTree with tokens and parents of shape [N]")
+    if (not isinstance(tree, DraftTree) or tree.tokens.dim() != 1 or tree.tokens.numel() == 0
+            or tree.tokens.shape != tree.parents.shape or tree.tokens.dtype != torch.int64):
+        raise ValueError("the drafter must return a DraftTree with int64 tokens and parents of shape [N], N >= 1")
+    root, low, high = torch.stack([tree.tokens[0], tree.tokens.min(), tree.tokens.max()]).tolist()
+    if root != state.next_token:
+        raise ValueError(f"the drafter's tree root {root} is not the next token {state.next_token}")
+    if low < 0 or high >= io.vocab_size:
+        raise ValueError(f"the drafter proposed token ids in [{low}, {high}], outside the vocabulary [0, {io.vocab_size})")
     return tree
 
 
@@ -201,8 +234,6 @@ def _prune(tree: DraftTree, max_depth: int) -> DraftTree:
 def verify(io: TargetIO, tree: DraftTree, mask, positions, state: DecodeState, need_features: bool):
     """One target forward over the whole tree."""
     tokens = tree.tokens.to(io.input_device)
-    if int(tokens[0]) != state.next_token:
-        raise ValueError(f"the drafter's tree root {int(tokens[0])} is not the next token {state.next_token}")
     return _forward(io, tokens[None], state.cache, need_features=need_features,
                     attention_mask=mask[None, None], position_ids=positions[None])
 
@@ -269,13 +300,14 @@ def speculative_generate(
     attention_mask: torch.Tensor | None = None,
     streamer=None,
     generator: torch.Generator | None = None,
+    profile: bool = False,
 ) -> SpeculativeOutput:
     """Generate from ``model`` with ``drafter``'s trees, exactly as the target would alone.
 
     Greedy (``temperature=0``) output is token-identical to ``model.generate(do_sample=False)``;
     with ``temperature > 0`` tokens follow the distribution ``model.generate(do_sample=True,
     temperature, top_k, top_p)`` samples from. Unset arguments come from
-    ``model.generation_config``. Batch size 1.
+    ``model.generation_config``. Batch size 1. ``profile=True`` fills ``stage_seconds``.
     """
     if not isinstance(drafter, Drafter):
         raise TypeError(f"drafter must implement falcon_ext.Drafter (reset/extend/propose), got {type(drafter)}")
@@ -294,20 +326,30 @@ def speculative_generate(
     emit(state, [first], streamer)
     output = SpeculativeOutput(sequences=input_ids, prefill_seconds=time.perf_counter() - start)
 
+    timer = StageTimer(profile, io.input_device)
     start = time.perf_counter()
     while not state.done:
-        tree, mask, positions = build_tree(io, draft(drafter, state), state)
-        logits, features = verify(io, tree, mask, positions, state, drafter.needs_features)
-        path, next_token = accept(logits, tree, sampling, generator)
-        commit(state, path)
-        accepted = tree.tokens[torch.tensor(path, device=tree.tokens.device)]
-        emit(state, accepted[1:].tolist() + [next_token], streamer)
-        output.accept_lengths.append(len(path))
-        output.tree_sizes.append(len(tree))
-        state.next_token = next_token
+        with timer("draft"):
+            tree = draft(io, drafter, state)
+        with timer("tree_build"):
+            tree, mask, positions = build_tree(io, tree, state)
+        with timer("verify"):
+            logits, features = verify(io, tree, mask, positions, state, drafter.needs_features)
+        with timer("accept"):
+            path, next_token = accept(logits, tree, sampling, generator)
+        with timer("commit"):
+            commit(state, path)
+        with timer("emit"):
+            accepted = tree.tokens[torch.tensor(path, device=tree.tokens.device)]
+            emit(state, accepted[1:].tolist() + [next_token], streamer)
+            output.accept_lengths.append(len(path))
+            output.tree_sizes.append(len(tree))
+            state.next_token = next_token
         if not state.done:
-            drafter.extend(accepted, None if features is None else features[path], next_token)
+            with timer("drafter_update"):
+                drafter.extend(accepted, None if features is None else features[path], next_token)
     output.decode_seconds = time.perf_counter() - start
+    output.stage_seconds = timer.seconds
 
     if streamer is not None:
         streamer.end()

@@ -7,6 +7,10 @@ from falcon_ext.targets import load_target
 
 TINY_FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
 
+# The test models are tiny: one thread is fastest, and it avoids OpenMP spin-waiting when
+# other processes share the cores.
+torch.set_num_threads(1)
+
 
 def tiny_model(family: str, vocab: int = 97, seed: int = 0):
     """A small random-initialised causal LM in fp32, with logits spread wide enough that argmax
