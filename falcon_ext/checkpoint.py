@@ -28,7 +28,8 @@ _RTOL, _ATOL = 1e-2, 1e-5
 
 def _sample(weight: torch.Tensor) -> list[float]:
     flat = weight.detach().reshape(-1)
-    index = torch.linspace(0, flat.numel() - 1, _SAMPLES, device=flat.device).long()
+    # clamp: in float32, linspace rounds the last index up to numel for tensors over 2^24 elements
+    index = torch.linspace(0, flat.numel() - 1, _SAMPLES, device=flat.device).long().clamp_(max=flat.numel() - 1)
     return [float(f"{v:.6g}") for v in flat[index].float().cpu().tolist()]
 
 
