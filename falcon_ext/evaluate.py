@@ -48,6 +48,20 @@ def mean_accepted_tokens(model, drafter, prompts: list[list[int]], max_new_token
             "max_new_tokens": max_new_tokens}
 
 
+def measured_tree(folder: Path, size: int) -> list[list[int]]:
+    """The ``size`` most often accepted nodes recorded by falcon_ext.cdt_tune for this drafter."""
+    from .cdt_tune import best_trees
+
+    path = Path(folder) / "cdt_measurement.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `python -m falcon_ext.cdt_tune --drafter {folder} ...` first")
+    rates = {tuple(int(r) for r in key.split(",")): v for key, v in json.loads(path.read_text())["node_rates"].items()}
+    trees = best_trees(rates, sizes=(size,))
+    if size not in trees:
+        raise ValueError(f"{path} records only {len(rates)} nodes; ask for a tree of at most that many")
+    return trees[size]
+
+
 def encode_prompts(tokenizer, sources: list[str], limit: int = 0) -> list[list[int]]:
     from .data import encode_prompt, load_prompts
 
@@ -65,6 +79,8 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--passes", type=int, default=0, help="use a top-1 chain of this many drafter passes")
+    p.add_argument("--tree-size", type=int, default=0, help="use the best N-node tree from the drafter folder's "
+                   "cdt_measurement.json (written by falcon_ext.cdt_tune)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(func=_eval)
@@ -80,6 +96,8 @@ def _eval(args) -> None:
     drafter = load_drafter(args.drafter, model).eval()
     if args.passes:
         drafter.set_tree(cdt.chain(args.passes * drafter.config.k))
+    if args.tree_size:
+        drafter.set_tree(measured_tree(drafter_dir(args.drafter), args.tree_size))
     result = mean_accepted_tokens(model, drafter, encode_prompts(tokenizer, args.prompts, args.limit),
                                   args.max_new_tokens, args.temperature, args.seed)
     print(json.dumps(result))

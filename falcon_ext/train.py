@@ -427,8 +427,10 @@ def _check_same_config(out: Path, cfg: TrainConfig) -> None:
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved != now:
-            diff = {k: (saved.get(k), now.get(k)) for k in now if saved.get(k) != now.get(k)}
+        # Options added since the run started count as unchanged when they keep their defaults.
+        defaults = json.loads(json.dumps(dataclasses.asdict(TrainConfig(cfg.target, cfg.data, cfg.out))))
+        diff = {k: (saved.get(k, defaults[k]), now[k]) for k in now if saved.get(k, defaults[k]) != now[k]}
+        if diff:
             raise ValueError(f"{out} holds a run with another configuration (saved, now): {diff}; use a new --out")
     else:
         path.write_text(json.dumps(now, indent=1))
