@@ -1,0 +1,465 @@
+"""Training a Falcon drafter: Coupled Sequential Glancing Distillation (CSGD) or plain distillation.
+
+Data (falcon_ext.data): sequences t_0..t_{L-1} with the target's features f_0..f_{L-1}. Drafter
+position i reads (f_i, t_{i+1}) and predicts f_{i+k}; its token is LM_head(f_{i+k}) -> t_{i+k+1}.
+Loss per position (paper §3.2): SmoothL1(f̂, f) + w_dist·[α·KL(p ‖ p̂) + (1-α)·CE(t, p̂)], with
+p = softmax(LM_head(f_{i+k})) recomputed from the stored feature through the frozen shared head.
+
+CSGD (one step): a first pass on the true inputs gives f̂; the Hamming distance d counts the
+positions whose drafted token is wrong. The second pass's input at position i is the first
+pass's prediction for it (feature f̂_i = first-pass output at i-k, token argmax LM_head(f̂_i)),
+as in the drafter's second and later forwards at decode time, except for a span of
+N = round(λ·d) consecutive positions (and the first k, which have no prediction) that keep
+their true (f_i, t_{i+1}); λ = λ0·(E − e)/E decays over epochs. The loss is on the second pass,
+plus ``first_pass_weight`` times the first pass's. Plain training (``csgd=False``) is the
+first-pass loss alone.
+
+Checkpoints: <out>/checkpoints/step_<n>/ (drafter config.json + model.safetensors,
+optimizer.safetensors, state.json), each made in a temporary folder and renamed into place;
+<out>/latest.json names the newest. A rerun of the same command resumes from it; the data
+order, noise and spans come from one torch.Generator whose state is saved, so a resumed run
+gives the same weights as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import Sequences, read_data
+from .falcon import FalconDrafter, FalconDrafterConfig
+from .train_state import load_checkpoint, save_checkpoint
+from .targets import load_target, parse_dtype
+
+
+@dataclass
+class TrainConfig:
+    target: str
+    data: list[str]  # one or more folders written by prepare-data (from the same target)
+    out: str
+    k: int = 2
+    steps: int = 0  # 0: derived from epochs
+    epochs: float = 1.0
+    batch_size: int = 8
+    seq_len: int = 256  # training window (tokens) cut at random from each sequence
+    lr: float = 3e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | linear | constant, after warmup
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 0.5
+    csgd: bool = True
+    glance_lambda: float = 0.4  # λ0
+    glance_span: str = "random"  # random | first | last: where the N replaced positions lie
+    first_pass_weight: float = 1.0
+    feature_noise: float = 0.1  # U(-a, a) added to input features
+    w_dist: float = 0.1
+    kl_alpha: float = 0.9
+    loss_on_prompt: bool = False
+    num_heads: int = 0  # 0: the drafter's default for the target
+    intermediate_size: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    threads: int = 0
+    save_every: int = 200
+    log_every: int = 20
+    keep_checkpoints: int = 2
+    eval_sequences: int = 32  # held out from the data for the chain acceptance estimate
+    eval_data: str = ""  # a data folder of greedy answers to held-out prompts (used instead)
+    eval_prompts: list[str] = dataclasses.field(default_factory=list)  # engine evaluation at the end
+    eval_max_new_tokens: int = 128
+    eval_passes: int = 4
+    allow_partial_data: bool = False
+    init: str = ""  # start from this drafter folder (e.g. CSGD fine-tuning of a plain-trained drafter)
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        self.data = [self.data] if isinstance(self.data, str) else list(self.data)
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.glance_span not in ("random", "first", "last"):
+            raise ValueError(f"glance_span must be random, first or last, got {self.glance_span!r}")
+        if self.k < 1 or self.batch_size < 1 or self.seq_len <= self.k + 1:
+            raise ValueError("need k >= 1, batch_size >= 1 and seq_len > k + 1")
+
+    @classmethod
+    def from_args(cls, args) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+
+
+# ---------------------------------------------------------------- batches
+
+@dataclass
+class Batch:
+    """Padded training windows. features [B, T+1, H] fp32, tokens [B, T+1], valid [B, T+1] (real
+    token), target_ok [B, T+1] (a position whose token counts as a training target)."""
+
+    features: torch.Tensor
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    target_ok: torch.Tensor
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in dataclasses.astuple(self)))
+
+
+def make_batch(seqs: Sequences, index: list[int], seq_len: int, loss_on_prompt: bool,
+               gen: torch.Generator) -> Batch:
+    B, H = len(index), seqs.features[0].shape[-1]
+    feats = torch.zeros(B, seq_len, H)
+    toks = torch.zeros(B, seq_len, dtype=torch.long)
+    valid = torch.zeros(B, seq_len, dtype=torch.bool)
+    target_ok = torch.zeros(B, seq_len, dtype=torch.bool)
+    for row, j in enumerate(index):
+        L = seqs.tokens[j].numel()
+        # Any start, as long as the window still holds some answer tokens when it can.
+        hi = max(L - seq_len, 0)
+        lo = min(max(seqs.prompt_lens[j] + seq_len // 4 - seq_len, 0), hi)
+        start = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+        n = min(seq_len, L - start)
+        feats[row, :n] = seqs.features[j][start: start + n].float()
+        toks[row, :n] = seqs.tokens[j][start: start + n]
+        valid[row, :n] = True
+        first_target = 0 if loss_on_prompt else max(seqs.prompt_lens[j] - start, 0)
+        target_ok[row, first_target:n] = True
+    return Batch(feats, toks, valid, target_ok)
+
+
+# ---------------------------------------------------------------- losses
+
+@dataclass
+class StepLosses:
+    loss: torch.Tensor
+    reg: float
+    kl: float
+    ce: float
+    correct: torch.Tensor  # [k] correct drafted tokens per block position
+    count: torch.Tensor  # [k] positions per block position
+    first_correct: torch.Tensor | None = None  # CSGD: the first (true-input) pass's counts
+
+
+def distill_loss(drafter, pred, batch: Batch, offset: int, cfg: TrainConfig) -> StepLosses:
+    """Loss of predictions ``pred`` [B, T, H] (position i predicts f_{i+k}, token t_{i+k+1})."""
+    k = cfg.k
+    T = pred.shape[1]
+    n = T - k  # positions i < T - k have both f_{i+k} and t_{i+k+1} in the window
+    pred = pred[:, :n]
+    true_f = batch.features[:, k: k + n]
+    true_t = batch.tokens[:, k + 1: k + 1 + n]
+    mask = (batch.valid[:, k + 1: k + 1 + n] & batch.target_ok[:, k + 1: k + 1 + n]).float()
+    denom = mask.sum().clamp(min=1.0)
+    reg = (F.smooth_l1_loss(pred.float(), true_f, reduction="none").mean(-1) * mask).sum() / denom
+    with torch.no_grad():
+        target_logp = F.log_softmax(drafter.logits(true_f).float(), -1)
+    draft_logp = F.log_softmax(drafter.logits(pred).float(), -1)
+    kl = ((target_logp.exp() * (target_logp - draft_logp)).sum(-1) * mask).sum() / denom
+    ce = (F.nll_loss(draft_logp.transpose(1, 2), true_t, reduction="none") * mask).sum() / denom
+    loss = reg + cfg.w_dist * (cfg.kl_alpha * kl + (1 - cfg.kl_alpha) * ce)
+    with torch.no_grad():
+        hit = (draft_logp.argmax(-1) == true_t).float() * mask
+        slot = (torch.arange(n, device=hit.device) - offset) % k
+        correct = torch.stack([hit[:, slot == j].sum() for j in range(k)])
+        count = torch.stack([mask[:, slot == j].sum() for j in range(k)])
+    return StepLosses(loss, reg.item(), kl.item(), ce.item(), correct, count)
+
+
+def glance_inputs(drafter, pred1, batch: Batch, lam: float, span: str, k: int, gen: torch.Generator):
+    """Second-pass inputs: predicted (f̂_i, t̂_{i+1}) except the first k and N = round(λ·d) consecutive
+    positions per sequence, which keep their true inputs. Returns (features, next_tokens) [B, T, .]."""
+    B, T, _ = pred1.shape
+    with torch.no_grad():
+        pred_tok = drafter.logits(pred1).argmax(-1)  # [B, T]: position i's guess of t_{i+k+1}
+        n = T - k
+        wrong = (pred_tok[:, :n] != batch.tokens[:, k + 1: k + 1 + n]) & batch.valid[:, k + 1: k + 1 + n]
+        d = wrong.sum(1)
+        feats = batch.features[:, :T].clone()
+        toks = batch.tokens[:, 1: T + 1].clone()
+        # Position i >= k: predicted f_i is pass-1 output at i-k, its token t̂_{i+1} from that output.
+        feats[:, k:] = pred1[:, : T - k].to(feats.dtype)
+        toks[:, k:] = pred_tok[:, : T - k]
+        keep_true = torch.zeros(B, T, dtype=torch.bool, device=pred1.device)
+        keep_true[:, :k] = True
+        for row in range(B):
+            N = min(int(round(lam * int(d[row]))), T - k)
+            if N == 0:
+                continue
+            if span == "first":
+                s = k
+            elif span == "last":
+                s = T - N
+            else:
+                s = k + int(torch.randint(0, T - k - N + 1, (1,), generator=gen))
+            keep_true[row, s: s + N] = True
+        feats = torch.where(keep_true[..., None], batch.features[:, :T], feats)
+        toks = torch.where(keep_true, batch.tokens[:, 1: T + 1], toks)
+    return feats, toks
+
+
+def noisy(features: torch.Tensor, amount: float, gen: torch.Generator) -> torch.Tensor:
+    if amount <= 0:
+        return features
+    noise = (torch.rand(features.shape, generator=gen) * 2 - 1) * amount
+    return features + noise.to(features.device)
+
+
+def train_step(drafter, batch: Batch, cfg: TrainConfig, lam: float, gen: torch.Generator) -> StepLosses:
+    T = batch.tokens.shape[1] - 1
+    offset = int(torch.randint(0, cfg.k, (1,), generator=gen))
+    feats, toks = batch.features[:, :T], batch.tokens[:, 1: T + 1]
+    mask = batch.valid[:, 1: T + 1].long()
+    pred1 = drafter(noisy(feats, cfg.feature_noise, gen), toks, offset, mask)
+    first = distill_loss(drafter, pred1, batch, offset, cfg)
+    if not cfg.csgd:
+        return first
+    g_feats, g_toks = glance_inputs(drafter, pred1.detach(), batch, lam, cfg.glance_span, cfg.k, gen)
+    pred2 = drafter(noisy(g_feats, cfg.feature_noise, gen), g_toks, offset, mask)
+    second = distill_loss(drafter, pred2, batch, offset, cfg)
+    second.loss = second.loss + cfg.first_pass_weight * first.loss
+    second.first_correct = first.correct
+    return second
+
+
+# ---------------------------------------------------------------- schedule
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1)
+    if cfg.schedule == "constant":
+        scale = 1.0
+    elif cfg.schedule == "linear":
+        scale = 1.0 - progress
+    else:
+        scale = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * scale)
+
+
+def glance_lambda(step: int, total: int, cfg: TrainConfig) -> float:
+    """λ = λ0·(E − e)/E with e the current (whole) epoch; E = ceil(epochs), at least 1."""
+    epochs = max(math.ceil(cfg.epochs), 1)
+    epoch = min(step * epochs // max(total, 1), epochs - 1)
+    return cfg.glance_lambda * (epochs - epoch) / epochs
+
+
+# ---------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def chain_acceptance(drafter, seqs: Sequences, passes: int, points_per_seq: int = 4) -> float:
+    """Mean accepted tokens per step of a top-1 chain of ``passes`` drafter forwards, against the
+    stored continuation (bonus token included: 1 + matching drafted tokens). For greedy target
+    answers this is the engine's greedy chain acceptance; for sampled data it is a lower bound."""
+    k = drafter.config.k
+    dev = drafter.qkv.weight.device
+    accepted = []
+    for j in range(len(seqs)):
+        toks, feats = seqs.tokens[j].to(dev), seqs.features[j].float().to(dev)
+        L = toks.numel()
+        lo = max(seqs.prompt_lens[j] - 1, k - 1)
+        hi = L - 2  # need t_{n+1} (the root) and at least one token after it
+        if hi < lo:
+            continue
+        for n in torch.linspace(lo, hi, points_per_seq).long().unique().tolist():
+            accepted.append(_chain_at(drafter, feats, toks, n, passes, k))
+    return sum(accepted) / max(len(accepted), 1)
+
+
+def _chain_at(drafter, feats, toks, n: int, passes: int, k: int) -> int:
+    """Context f_0..f_n, t_1..t_{n+1}; draft ``passes`` blocks; count leading matches with t_{n+2}..."""
+    f_in, t_in = feats[: n + 1], toks[1: n + 2]
+    offset = (n + 1) % k
+    drafted = []
+    for _ in range(passes):
+        out = drafter(f_in[None], t_in[None], offset)[0, -k:]
+        block = drafter.logits(out).argmax(-1)
+        drafted.extend(block.tolist())
+        f_in, t_in = torch.cat([f_in, out.to(f_in.dtype)]), torch.cat([t_in, block])
+    truth = toks[n + 2: n + 2 + len(drafted)].tolist()
+    hits = 0
+    for a, b in zip(drafted, truth):
+        if a != b:
+            break
+        hits += 1
+    return 1 + hits
+
+
+# ---------------------------------------------------------------- the loop
+
+def split_data(seqs: Sequences, held_out: int) -> tuple[Sequences, Sequences]:
+    """The last ``held_out`` sequences are kept for evaluation (at most a quarter of the data)."""
+    held_out = min(held_out, len(seqs) // 4)
+    cut = len(seqs) - held_out
+    part = lambda lo, hi: Sequences(seqs.tokens[lo:hi], seqs.features[lo:hi], seqs.prompt_lens[lo:hi])  # noqa: E731
+    return part(0, cut), part(cut, len(seqs))
+
+
+def read_all(folders: list[str], allow_partial: bool) -> tuple[list[dict], Sequences]:
+    metas, seqs = [], Sequences([], [], [])
+    for folder in folders:
+        meta, part = read_data(folder, allow_partial=allow_partial)
+        metas.append({"folder": Path(folder).name, "shards_read": meta["shards_read"], **meta["config"]})
+        seqs.tokens += part.tokens
+        seqs.features += part.features
+        seqs.prompt_lens += part.prompt_lens
+    return metas, seqs
+
+
+def build_drafter(cfg: TrainConfig, model) -> FalconDrafter:
+    extra = {"num_heads": cfg.num_heads} if cfg.num_heads else {}
+    if cfg.intermediate_size:
+        extra["intermediate_size"] = cfg.intermediate_size
+    config = FalconDrafterConfig.for_target(model, k=cfg.k, dtype=cfg.dtype, **extra)
+    return FalconDrafter(config, model)
+
+
+def train(cfg: TrainConfig, model=None, tokenizer=None) -> FalconDrafter:
+    """Trains (or resumes) a drafter; writes checkpoints, train_log.jsonl and final/ under cfg.out."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_same_config(out, cfg)
+    if model is None:
+        model, tokenizer = load_target(cfg.target, parse_dtype("float32"), cfg.device)
+    meta, seqs = read_all(cfg.data, cfg.allow_partial_data)
+    train_seqs, eval_seqs = split_data(seqs, 0 if cfg.eval_data else cfg.eval_sequences)
+    if cfg.eval_data:
+        eval_seqs = read_data(cfg.eval_data)[1]
+    steps_per_epoch = max(len(train_seqs) // cfg.batch_size, 1)
+    total = cfg.steps or max(int(cfg.epochs * steps_per_epoch), 1)
+
+    torch.manual_seed(cfg.seed)  # drafter initialisation
+    drafter = build_drafter(cfg, model)
+    if cfg.init:
+        drafter.load_state_dict(FalconDrafter.from_pretrained(cfg.init, target=model).state_dict())
+    opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, history = load_checkpoint(out, drafter, opt, gen)
+    log = open(out / "train_log.jsonl", "a")
+    bar = tqdm(total=total, initial=step, desc="train", unit="step")
+    window = _Window(cfg.k)
+    t0 = time.time()
+    while step < total:
+        index = torch.randint(0, len(train_seqs), (cfg.batch_size,), generator=gen).tolist()
+        batch = make_batch(train_seqs, index, cfg.seq_len + 1, cfg.loss_on_prompt, gen).to(cfg.device)
+        lr, lam = lr_at(step, total, cfg), glance_lambda(step, total, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        drafter.train()
+        losses = train_step(drafter, batch, cfg, lam, gen)
+        opt.zero_grad(set_to_none=True)
+        losses.loss.backward()
+        torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        window.add(losses)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            record = {"step": step, "lr": lr, "lambda": lam, **window.summary(), "seconds": round(time.time() - t0, 1)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=record["acc"])
+            window = _Window(cfg.k)
+        if step % cfg.save_every == 0 or step == total:
+            save_checkpoint(out, drafter, opt, step, gen, history, cfg.keep_checkpoints)
+    bar.close()
+    drafter.eval()
+    if "chain_acceptance" not in history and len(eval_seqs):
+        history["chain_acceptance"] = chain_acceptance(drafter, eval_seqs, cfg.eval_passes)
+        history["eval_sequences"] = len(eval_seqs)
+        save_checkpoint(out, drafter, opt, step, gen, history, cfg.keep_checkpoints)
+    if cfg.eval_prompts and "mean_accepted_tokens" not in history:
+        from .evaluate import encode_prompts, mean_accepted_tokens
+
+        tokenizer = load_target(cfg.target)[1] if tokenizer is None else tokenizer
+        history["engine_eval"] = mean_accepted_tokens(
+            model, drafter, encode_prompts(tokenizer, cfg.eval_prompts), cfg.eval_max_new_tokens)
+        history["mean_accepted_tokens"] = history["engine_eval"]["mean_accepted_tokens"]
+        save_checkpoint(out, drafter, opt, step, gen, history, cfg.keep_checkpoints)
+    drafter.save_pretrained(out / "final")
+    (out / "final" / "training.json").write_text(json.dumps(
+        {"train_config": dataclasses.asdict(cfg), "data": meta, "steps": step,
+         "train_sequences": len(train_seqs), "train_tokens": train_seqs.num_tokens(), **history}, indent=1))
+    print(f"drafter in {out / 'final'}; held-out chain acceptance "
+          f"({cfg.eval_passes} passes, k={cfg.k}): {history.get('chain_acceptance', float('nan')):.3f}; "
+          f"engine mean accepted tokens: {history.get('mean_accepted_tokens', 'not evaluated')}")
+    log.close()
+    return drafter
+
+
+class _Window:
+    """Running sums of the logged quantities since the last log line."""
+
+    def __init__(self, k: int):
+        self.n, self.loss, self.reg, self.kl, self.ce = 0, 0.0, 0.0, 0.0, 0.0
+        self.correct, self.count, self.first_correct = torch.zeros(k), torch.zeros(k), torch.zeros(k)
+
+    def add(self, s: StepLosses) -> None:
+        self.n += 1
+        self.loss += s.loss.item()
+        self.reg, self.kl, self.ce = self.reg + s.reg, self.kl + s.kl, self.ce + s.ce
+        self.correct += s.correct.cpu()
+        self.count += s.count.cpu()
+        self.first_correct += (s.correct if s.first_correct is None else s.first_correct).cpu()
+
+    def summary(self) -> dict:
+        n = max(self.n, 1)
+        rate = lambda c: [round(a, 4) for a in (c / self.count.clamp(min=1)).tolist()]  # noqa: E731
+        # acc: token accuracy per block position of the loss pass (CSGD: the glancing pass);
+        # acc_true_inputs: of the pass on true inputs (what plain training optimises).
+        return {"loss": self.loss / n, "reg": self.reg / n, "kl": self.kl / n, "ce": self.ce / n,
+                "acc": rate(self.correct), "acc_true_inputs": rate(self.first_correct)}
+
+
+def _check_same_config(out: Path, cfg: TrainConfig) -> None:
+    """A resumed run must use the configuration it started with."""
+    path = out / "train_config.json"
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if path.exists():
+        saved = json.loads(path.read_text())
+        # Options added since the run started count as unchanged when they keep their defaults.
+        defaults = json.loads(json.dumps(dataclasses.asdict(TrainConfig(cfg.target, cfg.data, cfg.out))))
+        diff = {k: (saved.get(k, defaults[k]), now[k]) for k in now if saved.get(k, defaults[k]) != now[k]}
+        if diff:
+            raise ValueError(f"{out} holds a run with another configuration (saved, now): {diff}; use a new --out")
+    else:
+        path.write_text(json.dumps(now, indent=1))
+
+
+# ---------------------------------------------------------------- command line
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig("", "", "")
+    p.add_argument("--target", required=True, help="model name, HF folder or .gguf (the one the data came from)")
+    p.add_argument("--data", required=True, nargs="+", help="folder(s) written by `falcon-ext prepare-data`")
+    p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    for name in ("k", "steps", "batch_size", "seq_len", "warmup_steps", "num_heads", "intermediate_size",
+                 "seed", "threads", "save_every", "log_every", "keep_checkpoints", "eval_sequences", "eval_passes"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("epochs", "lr", "weight_decay", "min_lr_ratio", "grad_clip", "glance_lambda",
+                 "first_pass_weight", "feature_noise", "w_dist", "kl_alpha"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--betas", type=float, nargs=2, default=list(d.betas))
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default=d.schedule)
+    p.add_argument("--glance-span", choices=["random", "first", "last"], default=d.glance_span)
+    p.add_argument("--plain", dest="csgd", action="store_false", help="plain distillation (no glancing pass)")
+    p.add_argument("--loss-on-prompt", action="store_true")
+    p.add_argument("--allow-partial-data", action="store_true", help="train on the finished shards only")
+    p.add_argument("--init", default="", help="start from the weights of this drafter folder")
+    p.add_argument("--eval-data", default="", help="data folder of greedy answers to held-out prompts for the "
+                   "final chain acceptance (default: the last --eval-sequences sequences of --data)")
+    p.add_argument("--eval-prompts", nargs="*", default=[], help="prompt files for the final engine evaluation "
+                   "(greedy mean accepted tokens)")
+    p.add_argument("--eval-max-new-tokens", type=int, default=d.eval_max_new_tokens)
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="drafter dtype")
+    p.add_argument("--device", default=d.device)
