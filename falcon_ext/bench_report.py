@@ -143,7 +143,7 @@ def markdown(report: dict) -> str:
     c, env, labels = report["config"], report["environment"], report["methods"]
     mode = "greedy" if c["temperature"] == 0 else f"temperature {c['temperature']}, top-k {c['top_k']}, top-p {c['top_p']}"
     n = next(iter(report["summary"].values()))["prompts"] if report["summary"] else 0
-    lines = [f"### {c['target']}, drafter `{c['drafter']}`, prompts `{c['prompts']}` "
+    lines = [f"### {Path(c['target']).name}, drafter `{c['drafter']}`, prompts `{c['prompts']}` "
              f"({n} prompts x {c['max_new_tokens']} new tokens, {mode})", "",
              "| method | tokens/s | speedup vs model.generate | speedup vs falcon_ext AR | mean accepted tokens "
              "| output = model.generate |",
@@ -202,7 +202,7 @@ def plot(report: dict, path: Path) -> bool:
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=len(keys), fontsize=8)
     c = report["config"]
-    fig.suptitle(f"{c['target']} / {c['prompts']} / {c['max_new_tokens']} new tokens / "
+    fig.suptitle(f"{Path(c['target']).name} / {c['prompts']} / {c['max_new_tokens']} new tokens / "
                  f"{'greedy' if c['temperature'] == 0 else 'T=' + str(c['temperature'])}")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=100)
