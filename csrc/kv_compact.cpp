@@ -1,11 +1,13 @@
 // kv_compact_, CPU reference: keep the accepted path's KV entries, contiguously, in place.
 //   kv: list of [B, H, S, D] float32/float16/bfloat16 tensors (any strides; one dtype, one device;
-//       shapes may differ per tensor); path [L] int64 on that device, strictly increasing, path[0] == 0
+//       shapes may differ per tensor; no two tensors may share memory); path [L] int64 on that
+//       device, strictly increasing, path[0] == 0
 //   For every tensor: entry dst_start + path[j] moves to dst_start + j.
 // Aliasing: with path [0, 2, 5], slot dst_start+2 is a destination (j = 2) and a source (j = 1).
 // Copying in increasing j is safe because path[j'] > path[j] >= j for j' > j: every source still
 // to be read lies above every slot written so far.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include "ops.h"
 
@@ -26,6 +28,8 @@ void check_kv_compact_args(at::TensorList kv, const at::Tensor& path, int64_t ds
                 ", kv[", i, "] is ", st);
     TORCH_CHECK(t.device() == path.device(), "kv[", i, "] and path must be on the same device, got ", t.device(),
                 " and ", path.device());
+    TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "kv[", i,
+                "] has elements sharing memory (e.g. an expanded view); compaction needs distinct slots");
   }
 }
 

@@ -26,10 +26,21 @@ namespace falcon_ext {
 // Throws with the first offending node; reads nothing out of bounds. CPU tensors only.
 void check_tree_cpu(const at::Tensor& parents);
 
+// Argument checks of tree_build that need no data: parents [N >= 1] int64, prefix_len >= 0,
+// a floating mask dtype.
+void check_tree_build_args(const at::Tensor& parents, int64_t prefix_len, at::ScalarType dtype);
+
+// The per-node rule behind check_tree_cpu (also used by the CUDA launcher to report the first
+// bad node its kernel found): throws unless node 0 has parent -1, or 0 <= parent < node.
+void check_tree_node(int64_t node, int64_t parent);
+
 // Shape / dtype / device checks of the verify ops (no data reads; CPU and CUDA launchers):
 // scores [N, V] float32/float16/bfloat16 with N, V >= 1, tokens and parents [N] int64 on its device.
 void check_verify_args(const at::Tensor& scores, const char* scores_name, const at::Tensor& tokens,
                        const at::Tensor& parents);
+
+// uniforms [N + 1] float32 on probs' device (tree_verify_sample).
+void check_sample_uniforms(const at::Tensor& uniforms, const at::Tensor& probs);
 
 // Shape / dtype / device checks of kv_compact_ (no data reads): path [L >= 1] int64, dst_start >= 0,
 // every kv tensor 4-D, float32/float16/bfloat16, one dtype, on path's device.

@@ -15,20 +15,36 @@
 
 namespace falcon_ext {
 
-void check_tree_cpu(const at::Tensor& parents) {
-  TORCH_CHECK(parents.device().is_cpu(), "parents must be a CPU tensor here, got ", parents.device());
+namespace {
+
+void check_tree_shape(const at::Tensor& parents) {
   FALCON_CHECK_DIM(parents, 1);
   FALCON_CHECK_DTYPE(parents, at::kLong);
+  TORCH_CHECK(parents.numel() >= 1, "parents must hold at least the root node, got an empty tensor");
+}
+
+}  // namespace
+
+void check_tree_build_args(const at::Tensor& parents, int64_t prefix_len, at::ScalarType dtype) {
+  check_tree_shape(parents);
+  TORCH_CHECK(prefix_len >= 0, "prefix_len must be >= 0, got ", prefix_len);
+  TORCH_CHECK(at::isFloatingType(dtype), "dtype must be a floating type for the additive mask, got ", dtype);
+}
+
+void check_tree_cpu(const at::Tensor& parents) {
+  TORCH_CHECK(parents.device().is_cpu(), "parents must be a CPU tensor here, got ", parents.device());
+  check_tree_shape(parents);
   const int64_t n = parents.numel();
-  TORCH_CHECK(n >= 1, "parents must hold at least the root node, got an empty tensor");
   // accessor reads through strides, so non-contiguous parents need no copy
   const auto p = parents.accessor<int64_t, 1>();
-  TORCH_CHECK(p[0] == -1, "malformed tree: parents[0] must be -1 (node 0 is the root), got ", p[0]);
-  for (int64_t i = 1; i < n; ++i) {
-    // parents[i] < i makes every walk to the root strictly decreasing: no cycles, no forward refs
-    TORCH_CHECK(p[i] >= 0 && p[i] < i, "malformed tree: node ", i, " has parent ", p[i],
-                "; every non-root node needs 0 <= parents[i] < i (a parent precedes its child)");
-  }
+  for (int64_t i = 0; i < n; ++i) check_tree_node(i, p[i]);
+}
+
+void check_tree_node(int64_t node, int64_t parent) {
+  TORCH_CHECK(node != 0 || parent == -1, "malformed tree: parents[0] must be -1 (node 0 is the root), got ", parent);
+  // parents[i] < i makes every walk to the root strictly decreasing: no cycles, no forward refs
+  TORCH_CHECK(node == 0 || (parent >= 0 && parent < node), "malformed tree: node ", node, " has parent ", parent,
+              "; every non-root node needs 0 <= parents[i] < i (a parent precedes its child)");
 }
 
 namespace {
@@ -91,9 +107,8 @@ at::Tensor build_retrieve_paths(const at::Tensor& parents, const std::vector<int
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_build_cpu(const at::Tensor& parents, int64_t prefix_len,
                                                               at::ScalarType dtype) {
+  check_tree_build_args(parents, prefix_len, dtype);
   check_tree_cpu(parents);
-  TORCH_CHECK(prefix_len >= 0, "prefix_len must be >= 0, got ", prefix_len);
-  TORCH_CHECK(at::isFloatingType(dtype), "dtype must be a floating type for the additive mask, got ", dtype);
   const std::vector<int64_t> depth = node_depths(parents);
   at::Tensor position_ids = at::empty({parents.numel()}, parents.options());
   auto pos = position_ids.accessor<int64_t, 1>();

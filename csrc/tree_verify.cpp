@@ -3,7 +3,7 @@
 //   parents [N] int64 (valid tree), uniforms [N + 1] float32 (sampling only)
 //   -> path [N] int64: accepted node ids from the root (path[0] == 0), -1 padded;
 //      result [2] int64: (accepted nodes incl. the root, next token).
-// Both walk from the root; the CUDA kernels (tree_verify.cu) follow the same steps and the same
+// Both walk from the root; the CUDA kernels (tree_verify_cuda.cu) follow the same steps and the same
 // float summation order (kSampleChunks, ops.h), so CPU and CUDA results are identical.
 #include <ATen/ATen.h>
 
@@ -33,6 +33,14 @@ void check_verify_args(const at::Tensor& scores, const char* scores_name, const 
   TORCH_CHECK(tokens.device() == scores.device() && parents.device() == scores.device(),
               "tokens and parents must be on ", scores_name, "'s device ", scores.device(), ", got ", tokens.device(),
               " and ", parents.device());
+}
+
+void check_sample_uniforms(const at::Tensor& uniforms, const at::Tensor& probs) {
+  FALCON_CHECK_DIM(uniforms, 1);
+  FALCON_CHECK_DTYPE(uniforms, at::kFloat);
+  TORCH_CHECK(uniforms.numel() == probs.size(0) + 1, "uniforms must have N + 1 = ", probs.size(0) + 1,
+              " entries (one per node, one for the last draw), got ", uniforms.numel());
+  FALCON_CHECK_SAME_DEVICE(uniforms, probs);
 }
 
 namespace {
@@ -171,11 +179,7 @@ std::tuple<at::Tensor, at::Tensor> tree_verify_greedy_cpu(const at::Tensor& logi
 std::tuple<at::Tensor, at::Tensor> tree_verify_sample_cpu(const at::Tensor& probs, const at::Tensor& tokens,
                                                           const at::Tensor& parents, const at::Tensor& uniforms) {
   check_verify_args(probs, "probs", tokens, parents);
-  FALCON_CHECK_DIM(uniforms, 1);
-  FALCON_CHECK_DTYPE(uniforms, at::kFloat);
-  TORCH_CHECK(uniforms.numel() == probs.size(0) + 1, "uniforms must have N + 1 = ", probs.size(0) + 1,
-              " entries (one per node, one for the last draw), got ", uniforms.numel());
-  FALCON_CHECK_SAME_DEVICE(uniforms, probs);
+  check_sample_uniforms(uniforms, probs);
   check_tree_and_tokens_cpu(tokens, parents, probs.size(1));
   const auto tok = tokens.accessor<int64_t, 1>();
   const auto u = uniforms.accessor<float, 1>();

@@ -36,6 +36,10 @@ def tree_verify_greedy(logits: torch.Tensor, tokens: torch.Tensor, parents: torc
     Returns:
         path [N] int64: accepted node ids from the root (path[0] == 0), -1 padded;
         result [2] int64: (number of accepted nodes incl. the root, the target's next token).
+    Argmax ties go to the lowest token id; NaN logits count as -inf.
+    Raises RuntimeError for bad shapes/dtypes/devices. A malformed tree or a token outside
+    [0, V) raises on CPU; on CUDA it cannot without a host sync, so the op returns the sentinel
+    result (0, -1) with path all -1: check ``result[0] >= 1`` where you read the result.
     """
     return _ops.tree_verify_greedy(logits, tokens, parents)
 
@@ -48,10 +52,17 @@ def tree_verify_sample(probs: torch.Tensor, tokens: torch.Tensor, parents: torch
     accepted (or the node is a leaf) the next token is drawn from the residual p. The output
     token sequence is distributed exactly as sampling from the target, whatever the drafts.
 
+    Precisely: with residual sum S, child c is accepted iff ``uniforms[c] * S < p[tokens[c]]``
+    (float32); on rejection ``S -= p[tokens[c]]`` and ``p[tokens[c]] = 0``. The last token is
+    the first token whose running sum of the residual exceeds ``uniforms[N] * sum(residual)``
+    (the last token with positive weight if rounding selects none; argmax of the weights if the
+    residual is all zero). Sums run in one fixed order on CPU and CUDA (kSampleChunks in
+    csrc/ops.h), so both give identical results. Negative and NaN weights count as 0.
+
     Shape:
         probs: [N, V] float, non-negative (need not be normalised); tokens, parents: [N] int64;
-        uniforms: [N + 1] float in [0, 1): uniforms[i] tests node i, uniforms[N] draws the last token.
-    Returns: as :func:`tree_verify_greedy`.
+        uniforms: [N + 1] float32 in [0, 1): uniforms[i] tests node i, uniforms[N] draws the last token.
+    Returns: as :func:`tree_verify_greedy`, including the CUDA sentinel (0, -1) for malformed data.
     """
     return _ops.tree_verify_sample(probs, tokens, parents, uniforms)
 
@@ -61,6 +72,9 @@ def kv_compact_(kv: list[torch.Tensor], path: torch.Tensor, dst_start: int) -> N
 
     Shape:
         kv: list of [B, H, S, D] cache tensors (float16/bfloat16/float32, any strides, one device);
-        path: [L] int64, strictly increasing node ids with path[0] == 0, as tree_verify returns.
+        path: [L] int64 on the tensors' device, strictly increasing node ids with path[0] == 0,
+        as tree_verify returns; dst_start + path[-1] < S.
+    The tensors must not share memory with each other. On CPU a bad path raises; on CUDA it is
+    checked in the kernel (no host sync) and leaves every tensor unchanged without an error.
     """
     _ops.kv_compact_(kv, path, dst_start)

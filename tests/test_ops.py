@@ -174,27 +174,27 @@ def verify_args(n=3, vocab=5):
     return torch.zeros(n, vocab), torch.zeros(n, dtype=torch.int64), torch.tensor([-1] + [0] * (n - 1))
 
 
-BAD_VERIFY = [
-    (lambda s, t, p: (s, torch.tensor([0, 5, 0]), p), "tokens\\[1\\] = 5 is outside the vocabulary \\[0, 5\\)"),
-    (lambda s, t, p: (s, torch.tensor([0, 0, -1]), p), "tokens\\[2\\] = -1 is outside"),
-    (lambda s, t, p: (s, t, torch.tensor([-1, 2, 0])), "node 1 has parent 2"),
-    (lambda s, t, p: (s, t, torch.tensor([3, 0, 0])), "parents\\[0\\] must be -1"),
-    (lambda s, t, p: (s, t.int(), p), "tokens must be Long"),
-    (lambda s, t, p: (s, t, p.float()), "parents must be Long"),
-    (lambda s, t, p: (s, t[:2], p), "tokens and parents must have 3 entries"),
-    (lambda s, t, p: (s[0], t, p), "must have shape \\[N, V\\]"),
-    (lambda s, t, p: (s.double(), t, p), "float32, float16 or bfloat16"),
-    (lambda s, t, p: (s.long(), t, p), "float32, float16 or bfloat16"),
-    (lambda s, t, p: (s[:, :0], t, p), "V >= 1"),
+BAD_VERIFY = [  # (mutation, message, whether the error is in the data: the CUDA ops return a sentinel then)
+    (lambda s, t, p: (s, torch.tensor([0, 5, 0]), p), "tokens\\[1\\] = 5 is outside the vocabulary \\[0, 5\\)", True),
+    (lambda s, t, p: (s, torch.tensor([0, 0, -1]), p), "tokens\\[2\\] = -1 is outside", True),
+    (lambda s, t, p: (s, t, torch.tensor([-1, 2, 0])), "node 1 has parent 2", True),
+    (lambda s, t, p: (s, t, torch.tensor([3, 0, 0])), "parents\\[0\\] must be -1", True),
+    (lambda s, t, p: (s, t.int(), p), "tokens must be Long", False),
+    (lambda s, t, p: (s, t, p.float()), "parents must be Long", False),
+    (lambda s, t, p: (s, t[:2], p), "tokens and parents must have 3 entries", False),
+    (lambda s, t, p: (s[0], t, p), "must have shape \\[N, V\\]", False),
+    (lambda s, t, p: (s.double(), t, p), "float32, float16 or bfloat16", False),
+    (lambda s, t, p: (s.long(), t, p), "float32, float16 or bfloat16", False),
+    (lambda s, t, p: (s[:, :0], t, p), "V >= 1", False),
 ]
 
 
-@pytest.mark.parametrize("mutate,message", BAD_VERIFY)
-def test_verify_rejects_bad_input(mutate, message):
+@pytest.mark.parametrize("mutate,message,data_error", BAD_VERIFY)
+def test_verify_rejects_bad_input(mutate, message, data_error):
     scores, tokens, parents = mutate(*verify_args())
     with pytest.raises(RuntimeError, match=message):
         ops.tree_verify_greedy(scores, tokens, parents)
-    with pytest.raises(RuntimeError, match=message.replace("logits", "probs")):
+    with pytest.raises(RuntimeError, match=message):
         ops.tree_verify_sample(scores, tokens, parents, torch.rand(tokens.numel() + 1))
 
 
@@ -380,6 +380,7 @@ BAD_KV = [
     (lambda kv, p: ([kv[0], kv[1][0]], p), 0, "kv\\[1\\] must have shape \\[B, H, S, D\\]"),
     (lambda kv, p: ([kv[0], kv[1].half()], p), 0, "one dtype"),
     (lambda kv, p: ([kv[0].long()], p), 0, "float32, float16 or bfloat16"),
+    (lambda kv, p: ([kv[0][:, :, :1].expand(1, 2, 10, 4)], p), 0, "kv\\[0\\] has elements sharing memory"),
 ]
 
 
@@ -403,3 +404,144 @@ def test_op_schemas():
                           test_utils=checks)
     torch.library.opcheck(torch.ops.falcon_ext.kv_compact_, ([torch.randn(1, 2, 6, 3)], torch.tensor([0, 2]), 1),
                           test_utils=checks)
+
+
+# ---------------------------------------------------------------- CUDA == CPU
+
+
+def on_cuda(*tensors):
+    return [t.cuda() for t in tensors]
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("n", SIZES + [300])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cuda_tree_build_equals_cpu(n, shape):
+    parents = random_tree(n, gen(seed_of("cuda", n, shape)), shape)
+    for prefix_len in [0, 1, 37, 1500]:
+        for dtype in FLOAT_DTYPES:
+            want = ops.tree_build(parents, prefix_len, dtype)
+            got = ops.tree_build(parents.cuda(), prefix_len, dtype)
+            assert all(g.is_cuda and torch.equal(g.cpu(), w) for g, w in zip(got, want))
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("parents,message", BAD_TREES)
+def test_cuda_tree_build_rejects_malformed_tree(parents, message):
+    with pytest.raises(RuntimeError, match=message):
+        ops.tree_build(parents.cuda(), 0)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("vocab", [VOCAB, 5000])
+def test_cuda_verify_equals_cpu(n, shape, dtype, vocab):
+    g = gen(seed_of("cuda-verify", n, shape, dtype, vocab))
+    for rep in range(3):
+        logits, tokens, parents = greedy_case(n, shape, dtype, seed_of(n, shape, dtype, vocab, rep))
+        if vocab != VOCAB:  # widen: the forced tokens keep their margin, extra columns stay below it
+            logits = torch.cat([logits, (logits.float().min() - 1).expand(n, vocab - VOCAB).to(dtype)], dim=1)
+        want = ops.tree_verify_greedy(logits, tokens, parents)
+        got = ops.tree_verify_greedy(*on_cuda(logits, tokens, parents))
+        assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+        probs, tokens, parents, _ = sample_case(n, shape, dtype, seed_of(n, shape, dtype, vocab, rep))
+        if vocab != VOCAB:
+            probs = torch.cat([probs, torch.rand(n, vocab - VOCAB, generator=g).to(dtype) * 1e-3], dim=1)
+        for _ in range(5):
+            uniforms = torch.rand(n + 1, generator=g)
+            want = ops.tree_verify_sample(probs, tokens, parents, uniforms)
+            got = ops.tree_verify_sample(*on_cuda(probs, tokens, parents, uniforms))
+            assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_verify_edge_cases_equal_cpu():
+    cases = [  # ties, NaN, all-zero and negative weights, one-hot rows
+        (torch.randint(0, 3, (40, VOCAB), generator=gen(1)).float(), random_tree(40, gen(2), "random")),
+        (torch.tensor([[float("nan"), 1.0, 3.0, float("nan")], [0.0, 0.0, -1.0, 0.0]]), torch.tensor([-1, 0])),
+        (torch.zeros(3, 7), torch.tensor([-1, 0, 0])),
+        (torch.nn.functional.one_hot(torch.tensor([3, 1, 4]), 9).float(), torch.tensor([-1, 0, 1])),
+    ]
+    g = gen(4)
+    for scores, parents in cases:
+        tokens = torch.randint(0, scores.shape[1], (parents.numel(),), generator=g)
+        tokens[1:] = scores[parents[1:]].nan_to_num(-1).argmax(-1)  # duplicates among siblings too
+        for dtype in FLOAT_DTYPES:
+            s = scores.to(dtype)
+            want = ops.tree_verify_greedy(s, tokens, parents)
+            got = ops.tree_verify_greedy(*on_cuda(s, tokens, parents))
+            assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+            for _ in range(10):
+                u = torch.rand(parents.numel() + 1, generator=g)
+                want = ops.tree_verify_sample(s, tokens, parents, u)
+                got = ops.tree_verify_sample(*on_cuda(s, tokens, parents, u))
+                assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("mutate,message,data_error", BAD_VERIFY)
+def test_cuda_verify_bad_input(mutate, message, data_error):
+    """Shape errors raise as on CPU; data errors (tree, token range) give the sentinel result."""
+    scores, tokens, parents = mutate(*verify_args())
+    for op, extra in [(ops.tree_verify_greedy, []), (ops.tree_verify_sample, [torch.rand(tokens.numel() + 1)])]:
+        args = on_cuda(scores, tokens, parents, *extra)
+        if data_error:
+            path, result = op(*args)
+            assert result.tolist() == [0, -1] and (path == -1).all()
+        else:
+            with pytest.raises(RuntimeError, match=message):
+                op(*args)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_verify_large_vocab_equals_cpu():
+    g = gen(77)
+    parents = random_tree(60, g, "wide")
+    tokens = distinct_sibling_tokens(parents, 128256, g)
+    for dtype in [torch.float16, torch.bfloat16]:
+        logits = (3 * torch.randn(60, 128256, generator=g)).to(dtype)
+        tokens[1] = logits[0].float().argmax()
+        probs = torch.softmax(logits.float(), dim=-1).to(dtype)
+        want = ops.tree_verify_greedy(logits, tokens, parents)
+        got = ops.tree_verify_greedy(*on_cuda(logits, tokens, parents))
+        assert want[1][0] >= 2 and torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+        for _ in range(5):
+            u = torch.rand(61, generator=g)
+            want = ops.tree_verify_sample(probs, tokens, parents, u)
+            got = ops.tree_verify_sample(*on_cuda(probs, tokens, parents, u))
+            assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cuda_kv_compact_equals_cpu(dtype):
+    g = gen(seed_of("cuda-kv", dtype))
+    for dst_start, length in [(0, 1), (0, 7), (13, 20), (30, 11)]:
+        path = random_path(length, 41 - dst_start, g)
+        bases, views = cropped_caches(40, dtype, g)  # more tensors than one launch takes
+        cuda_bases = [b.cuda() for b in bases]
+        cuda_views = [b.permute(0, 2, 1, 3)[:, :, 4:45, 1:8] for b in cuda_bases]
+        ops.kv_compact_(views, path, dst_start)
+        ops.kv_compact_(cuda_views, path.cuda(), dst_start)
+        assert all(torch.equal(c.cpu(), b) for c, b in zip(cuda_bases, bases))
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_kv_compact_bad_input():
+    kv = [torch.randn(1, 2, 10, 4, device="cuda")]
+    with pytest.raises(RuntimeError, match="same device"):
+        ops.kv_compact_(kv, torch.tensor([0, 2]), 0)  # path left on the CPU
+    before = kv[0].clone()
+    for bad in ([1, 2], [0, 3, 3], [0, 10]):  # checked in the kernel: nothing is written
+        ops.kv_compact_(kv, torch.tensor(bad, device="cuda"), 0)
+        assert torch.equal(kv[0], before)
