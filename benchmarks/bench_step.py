@@ -170,7 +170,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
-    parser.add_argument("--nodes", type=int, nargs="+", default=[16, 32, 60])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[1, 4, 16, 32, 60])
     parser.add_argument("--prefix", type=int, default=200)
     parser.add_argument("--accept", type=int, default=3, help="draft tokens along one chain the target agrees with")
     parser.add_argument("--rounds", type=int, default=10)

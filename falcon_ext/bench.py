@@ -68,6 +68,7 @@ class RunResult:
     forwards: int  # target forwards, prefill included
     decode_seconds: float = 0.0  # engine methods: the decoding loop alone
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    tree_nodes: int = 0  # engine methods: draft-tree nodes the target verified, all steps together
 
 
 @dataclass
@@ -123,7 +124,7 @@ class Setup:
                 self.model, drafter, ids, max_new_tokens=max_new, temperature=self.temperature, top_k=self.top_k,
                 top_p=self.top_p, eos_token_id=self.eos, generator=generator, profile=self.breakdown))
             return RunResult(out.sequences[0, ids.shape[1]:].tolist(), seconds, forwards, out.decode_seconds,
-                             dict(out.stage_seconds))
+                             dict(out.stage_seconds), sum(out.tree_sizes))
 
         return Method(key, label, run)
 
@@ -209,6 +210,7 @@ def measure(methods: list[Method], chosen, ids_list, max_new: int, seed: int, pr
             records.append(dict(prompt=i, category=prompt.category, method=m.key, prompt_tokens=ids.shape[1],
                                 new_tokens=len(r.tokens), seconds=r.seconds, forwards=r.forwards,
                                 decode_seconds=r.decode_seconds, stage_seconds=r.stage_seconds,
+                                tree_nodes=r.tree_nodes,
                                 same_as_generate=None if reference is None else r.tokens == reference,
                                 tokens=r.tokens))
         if "generate" in results and "spec" in results:

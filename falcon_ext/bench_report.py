@@ -67,6 +67,7 @@ def _breakdown(rows: list[dict]) -> dict | None:
         groups[STAGE_GROUPS.get(stage, "bookkeeping")] = groups.get(STAGE_GROUPS.get(stage, "bookkeeping"), 0.0) + s
     return {
         "steps": steps,
+        "mean_tree_nodes": sum(r["tree_nodes"] for r in rows) / steps,
         "decode_seconds": decode,
         "prefill_seconds": sum(r["seconds"] - r["decode_seconds"] for r in rows),
         "stage_seconds": stages,
@@ -161,7 +162,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {category} ({next(iter(table.values()))['prompts']}) | " + " | ".join(cells) + " |")
     for key, b in report["breakdown"].items():
         groups = ", ".join(f"{g} {100 * f:.1f}%" for g, f in b["group_fraction"].items())
-        lines += ["", f"Step-time breakdown, {labels[key]}: {b['steps']} decoding steps, "
+        lines += ["", f"Step-time breakdown, {labels[key]}: {b['steps']} decoding steps verifying "
+                      f"{b['mean_tree_nodes']:.2f} tree nodes each on average, "
                       f"{1e3 * b['decode_seconds'] / b['steps']:.2f} ms/step ({groups})", "",
                   "| stage | ms/step | % of step |", "|---|---:|---:|"]
         for stage, ms in b["stage_ms_per_step"].items():

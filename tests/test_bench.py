@@ -24,6 +24,7 @@ def test_bench_end_to_end_greedy(tmp_path):
         assert stats["new_tokens"] > 0 and stats["tokens_per_second"] > 0
     assert report["summary"]["ar"]["mean_accepted_tokens"] == 1.0  # one token per forward, by construction
     assert [r["category"] for r in report["records"] if r["method"] == "generate"] == ["writing", "roleplay"]
+    assert report["breakdown"]["ar"]["mean_tree_nodes"] == 1.0
     breakdown = report["breakdown"]["spec"]
     assert set(breakdown["stage_seconds"]) >= {"draft", "tree_build", "verify", "accept", "commit", "loop overhead"}
     assert sum(breakdown["stage_fraction"].values()) == pytest.approx(1.0)
