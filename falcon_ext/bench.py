@@ -129,11 +129,11 @@ class Setup:
         return Method(key, label, run)
 
 
-def resolve_drafter(name: str, model, target_name: str):
+def resolve_drafter(name: str, model, target_name: str, lookup_tokens: int = 10, lookup_branches: int = 1):
     """``lookup`` (prompt lookup), ``falcon`` (the Falcon drafter shipped for this target) or a
     Falcon drafter folder / shipped drafter name."""
     if name == "lookup":
-        return PromptLookupDrafter()
+        return PromptLookupDrafter(num_tokens=lookup_tokens, max_branches=lookup_branches)
     try:
         from .evaluate import load_drafter  # Falcon drafter loading lives with training
     except ImportError as error:
@@ -164,8 +164,11 @@ def build_methods(args, model, tokenizer, counter) -> tuple[list[Method], dict[s
         elif key == "ar":
             methods.append(setup.engine_method(key, "falcon_ext AR", RootOnlyDrafter()))
         elif key == "spec":
-            drafter = resolve_drafter(args.drafter, model, args.target)
-            methods.append(setup.engine_method(key, f"falcon_ext + {args.drafter}", drafter))
+            drafter = resolve_drafter(args.drafter, model, args.target, args.lookup_tokens, args.lookup_branches)
+            name = args.drafter
+            if name == "lookup":
+                name += f" ({args.lookup_tokens}" + (f" x {args.lookup_branches})" if args.lookup_branches > 1 else ")")
+            methods.append(setup.engine_method(key, f"falcon_ext + {name}", drafter))
         elif key == "pld":
             methods.append(setup.hf_method(key, f"HF prompt lookup ({args.pld_tokens})",
                                            prompt_lookup_num_tokens=args.pld_tokens))
@@ -241,6 +244,9 @@ def add_bench_parser(subparsers) -> None:
                    help="wrap each prompt as a user turn (auto: when the tokenizer has a template)")
     p.add_argument("--methods", default=",".join(METHODS), type=_method_list,
                    help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--lookup-tokens", type=int, default=10, help="tokens per continuation of --drafter lookup")
+    p.add_argument("--lookup-branches", type=int, default=1,
+                   help="continuations merged into one tree by --drafter lookup (1: a chain, like transformers')")
     p.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for method pld")
     p.add_argument("--assistant", default=None, help="assistant model (HF folder) for method assisted")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

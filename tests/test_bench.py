@@ -29,7 +29,7 @@ def test_bench_end_to_end_greedy(tmp_path):
     assert set(breakdown["stage_seconds"]) >= {"draft", "tree_build", "verify", "accept", "commit", "loop overhead"}
     assert sum(breakdown["stage_fraction"].values()) == pytest.approx(1.0)
     text = (out / "bench.md").read_text()
-    assert "falcon_ext + lookup" in text and "| 2/2 |" in text
+    assert "falcon_ext + lookup (10)" in text and "| 2/2 |" in text
     pytest.importorskip("matplotlib")
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
