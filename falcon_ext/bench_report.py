@@ -190,7 +190,7 @@ def plot(report: dict, path: Path) -> bool:
     keys = [k for k in labels if k != "generate"]
     categories = list(report["categories"]) + ["all"]
     tables = [*report["categories"].values(), report["summary"]]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(categories) * 2), 4.5))
+    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.9 * len(categories) + 2), 8))
     width = 0.8 / max(len(keys), 1)
     for ax, metric, title in ((axes[0], "speedup_vs_generate", "speedup over model.generate"),
                               (axes[1], "mean_accepted_tokens", "mean accepted tokens per target forward")):
@@ -206,7 +206,7 @@ def plot(report: dict, path: Path) -> bool:
     c = report["config"]
     fig.suptitle(f"{Path(c['target']).name} / {c['prompts']} / {c['max_new_tokens']} new tokens / "
                  f"{'greedy' if c['temperature'] == 0 else 'T=' + str(c['temperature'])}")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
