@@ -1,0 +1,100 @@
+"""falcon-ext bench end to end on stories260K, and the prompt-set helpers it uses."""
+import json
+
+import pytest
+import torch
+
+from falcon_ext import bench, prompts
+from falcon_ext.generate import speculative_generate
+
+
+def test_bench_end_to_end_greedy(tmp_path):
+    out = tmp_path / "out"
+    # The target doubles as its own "assistant": the only model sharing its tokenizer, and
+    # enough to run transformers' assisted generation path.
+    rc = bench.main(["--target", "stories260K", "--prompts", "mt-bench", "--num-prompts", "2",
+                     "--max-new-tokens", "16", "--assistant", "stories260K", "--threads", "1",
+                     "--out", str(out), "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert set(report["summary"]) == set(bench.METHODS)
+    for key, stats in report["summary"].items():
+        assert stats["prompts"] == 2
+        assert stats["identical_to_generate"] == 2, key
+        assert stats["new_tokens"] > 0 and stats["tokens_per_second"] > 0
+    assert report["summary"]["ar"]["mean_accepted_tokens"] == 1.0  # one token per forward, by construction
+    assert [r["category"] for r in report["records"] if r["method"] == "generate"] == ["writing", "roleplay"]
+    assert report["breakdown"]["ar"]["mean_tree_nodes"] == 1.0
+    breakdown = report["breakdown"]["spec"]
+    assert set(breakdown["stage_seconds"]) >= {"draft", "tree_build", "verify", "accept", "commit", "loop overhead"}
+    assert sum(breakdown["stage_fraction"].values()) == pytest.approx(1.0)
+    text = (out / "bench.md").read_text()
+    assert "falcon_ext + lookup (10)" in text and "| 2/2 |" in text
+    pytest.importorskip("matplotlib")
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_unknown_method():
+    with pytest.raises(SystemExit):
+        bench.main(["--methods", "generate,warp"])
+
+
+def test_root_only_drafter_is_plain_decoding(stories):
+    model, tokenizer = stories
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    out = speculative_generate(model, bench.RootOnlyDrafter(), ids, max_new_tokens=20, eos_token_id=[1, 2])
+    ref = model.generate(ids, do_sample=False, max_new_tokens=20, eos_token_id=[1, 2], pad_token_id=0)
+    assert torch.equal(out.sequences, ref)
+    assert set(out.tree_sizes) == {1}
+
+
+def test_select_round_robin_over_categories():
+    items = [prompts.Prompt(c, f"{c}{i}") for c in "aab" for i in range(3)]  # a: 6 prompts, b: 3
+    assert [p.text for p in prompts.select(items, 4)] == ["a0", "b0", "a1", "b1"]
+    assert len(prompts.select(items, 100)) == len(items)
+    with pytest.raises(ValueError):
+        prompts.select(items, 0)
+
+
+def test_named_sets():
+    mt = prompts.load_prompt_set("mt-bench")
+    assert len(mt) == 80 and {p.category for p in mt} == set(prompts.MT_BENCH_CATEGORIES)
+    spec = prompts.load_prompt_set("spec-bench")
+    assert len(spec) == 480 and {p.category for p in spec} == set(prompts.SPEC_BENCH_CATEGORIES)
+    assert len(prompts.load_prompt_set("spec-bench:rag")) == 80
+    assert len(prompts.load_prompt_set("gsm8k")) == 100
+    with pytest.raises(ValueError, match="no prompt set"):
+        prompts.load_prompt_set("nonexistent-set")
+    with pytest.raises(ValueError, match="category"):
+        prompts.load_prompt_set("spec-bench:poetry")
+
+
+def test_prompt_files(tmp_path):
+    jsonl = tmp_path / "mine.jsonl"
+    jsonl.write_text('{"turns": ["first", "second"], "category": "x"}\n\n{"question": "q"}\n')
+    assert prompts.load_prompt_file(jsonl) == [prompts.Prompt("x", "first"), prompts.Prompt("mine", "q")]
+    lines = tmp_path / "lines.txt"
+    lines.write_text("one\n\n two \n")
+    assert [p.text for p in prompts.load_prompt_file(lines)] == ["one", "two"]
+    docs = tmp_path / "docs.txt"
+    docs.write_text("a story\nwith lines<|endoftext|>another")
+    assert [p.text for p in prompts.load_prompt_file(docs)] == ["a story\nwith lines", "another"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"answer": "no prompt"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        prompts.load_prompt_file(bad)
+
+
+def test_encode_cuts_from_the_start_keeping_bos(stories):
+    _, tokenizer = stories
+    text = "Once upon a time there was a very long story about a cat and a dog."
+    full, cut = prompts.encode(tokenizer, text, chat_template=False, max_tokens=None)
+    assert not cut and int(full[0, 0]) == tokenizer.bos_token_id
+    short, cut = prompts.encode(tokenizer, text, chat_template=False, max_tokens=6)
+    assert cut and short.shape == (1, 6)
+    assert short[0].tolist() == full[0, :1].tolist() + full[0, -5:].tolist()
+
+
+def test_chat_template_on_needs_a_template(tmp_path):
+    with pytest.raises(ValueError, match="no chat template"):
+        bench.main(["--chat-template", "on", "--num-prompts", "1", "--out", str(tmp_path), "--no-progress"])
