@@ -1,4 +1,4 @@
-"""`falcon-ext` command line: demo (and the subcommands other modules register)."""
+"""`falcon-ext` command line: demo, bench, prepare-data, train, eval-drafter, fetch-smollm2."""
 from __future__ import annotations
 
 import argparse
@@ -7,13 +7,15 @@ import time
 
 import torch
 
+from .bench import add_bench_parser
+from .cli_train import add_train_parsers
+
 
 def make_drafter(kind: str, model, target_name: str):
-    if kind == "lookup":
-        from .prompt_lookup import PromptLookupDrafter
+    """``lookup``, ``falcon`` (the drafter shipped for the target), or a Falcon drafter folder."""
+    from .bench import resolve_drafter
 
-        return PromptLookupDrafter()
-    raise ValueError(f"unknown drafter {kind!r}")
+    return resolve_drafter(kind, model, target_name)
 
 
 def _timed(fn):
@@ -30,7 +32,8 @@ def demo(args) -> int:
     model, tokenizer = load_target(args.model)
     drafter = make_drafter(args.drafter, model, args.model)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-    sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature or None, top_k=0, top_p=1.0)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0) if args.temperature > 0 \
+        else dict(do_sample=False)
 
     def plain():
         return model.generate(ids, max_new_tokens=args.max_new_tokens, **sampling)
@@ -67,19 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="generate with speculative decoding and compare with plain decoding")
     p.add_argument("--model", default="stories260K", help="embedded model name or HF folder")
-    p.add_argument("--drafter", default="lookup", choices=["lookup"])
+    p.add_argument("--drafter", default="falcon",
+                   help="falcon (the Falcon drafter shipped for --model), lookup (prompt lookup), or a drafter folder")
     p.add_argument("--prompt", default="Once upon a time, there was a little girl named Lily.")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
+    add_bench_parser(sub)
+    add_train_parsers(sub)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return args.func(args) or 0
 
 
 if __name__ == "__main__":
