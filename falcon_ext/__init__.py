@@ -2,6 +2,7 @@
 from . import ops
 from ._C import compiled_with_cuda
 from .drafting import Drafter, DraftTree
+from .falcon import FalconDrafter, FalconDrafterConfig
 from .generate import SpeculativeOutput, speculative_generate
 from .prompt_lookup import PromptLookupDrafter
 from .sampling import SamplingConfig
@@ -9,6 +10,8 @@ from .sampling import SamplingConfig
 __all__ = [
     "Drafter",
     "DraftTree",
+    "FalconDrafter",
+    "FalconDrafterConfig",
     "PromptLookupDrafter",
     "SamplingConfig",
     "SpeculativeOutput",

@@ -24,6 +24,7 @@ _SAMPLES = 64
 # bf16 keeps 8 significant bits (relative error <= 2^-9), so 1e-2 accepts a bf16/fp16 copy of
 # the same weights while two independently initialised or trained matrices differ by O(1).
 _RTOL, _ATOL = 1e-2, 1e-5
+SHIPPED = Path(__file__).parent / "drafters"  # drafters shipped in the package, loadable by name
 
 
 def _sample(weight: torch.Tensor) -> list[float]:
@@ -120,9 +121,21 @@ def read_weights(directory, expected: dict[str, torch.Tensor]) -> dict[str, torc
     return tensors
 
 
-def load(cls, directory, target: nn.Module):
+def drafter_dir(name_or_path) -> Path:
+    """A drafter folder: a path, or the name of a drafter shipped in falcon_ext/drafters/."""
+    path = Path(name_or_path)
+    if (path / CONFIG_NAME).exists():
+        return path
+    if (SHIPPED / str(name_or_path) / CONFIG_NAME).exists():
+        return SHIPPED / str(name_or_path)
+    shipped = sorted(p.name for p in SHIPPED.iterdir() if (p / CONFIG_NAME).exists()) if SHIPPED.exists() else []
+    raise FileNotFoundError(f"no drafter {str(name_or_path)!r}: give a folder with {CONFIG_NAME} or one of {shipped}")
+
+
+def load(cls, name_or_path, target: nn.Module):
     from .falcon import FalconDrafterConfig
 
+    directory = drafter_dir(name_or_path)
     drafter = cls(read_config(directory, FalconDrafterConfig), target)
     drafter.load_state_dict(read_weights(directory, drafter.state_dict()))
     return drafter

@@ -7,24 +7,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-SHIPPED = Path(__file__).parent / "drafters"
-
-
-def drafter_dir(name_or_path: str) -> Path:
-    """A drafter folder: a path, or the name of a drafter shipped in falcon_ext/drafters/."""
-    path = Path(name_or_path)
-    if (path / "config.json").exists():
-        return path
-    if (SHIPPED / name_or_path / "config.json").exists():
-        return SHIPPED / name_or_path
-    shipped = sorted(p.name for p in SHIPPED.iterdir() if (p / "config.json").exists()) if SHIPPED.exists() else []
-    raise FileNotFoundError(f"no drafter {name_or_path!r}: give a folder with config.json or one of {shipped}")
-
+from . import checkpoint
 
 def load_drafter(name_or_path: str, target):
     from .falcon import FalconDrafter
 
-    return FalconDrafter.from_pretrained(drafter_dir(name_or_path), target=target)
+    return FalconDrafter.from_pretrained(name_or_path, target=target)
 
 
 @torch.no_grad()
@@ -97,7 +85,7 @@ def _eval(args) -> None:
     if args.passes:
         drafter.set_tree(cdt.chain(args.passes * drafter.config.k))
     if args.tree_size:
-        drafter.set_tree(measured_tree(drafter_dir(args.drafter), args.tree_size))
+        drafter.set_tree(measured_tree(checkpoint.drafter_dir(args.drafter), args.tree_size))
     result = mean_accepted_tokens(model, drafter, encode_prompts(tokenizer, args.prompts, args.limit),
                                   args.max_new_tokens, args.temperature, args.seed)
     print(json.dumps(result))

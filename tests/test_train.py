@@ -255,7 +255,8 @@ def test_cache_dir_env(monkeypatch, tmp_path):
 # ---------------------------------------------------------------- evaluation with the engine
 
 def test_engine_evaluation_and_drafter_lookup(tmp_path, stories):
-    from falcon_ext.evaluate import drafter_dir, load_drafter, mean_accepted_tokens
+    from falcon_ext.checkpoint import drafter_dir
+    from falcon_ext.evaluate import load_drafter, mean_accepted_tokens
     from falcon_ext.falcon import FalconDrafter, FalconDrafterConfig
 
     model, tokenizer = stories
@@ -268,3 +269,5 @@ def test_engine_evaluation_and_drafter_lookup(tmp_path, stories):
     assert 1.0 <= result["mean_accepted_tokens"] <= 12
     with pytest.raises(FileNotFoundError, match="no drafter"):
         drafter_dir("no-such-drafter")
+    shipped = FalconDrafter.from_pretrained("stories260K", target=model)  # by name, from the package
+    assert drafter_dir("stories260K").parent.name == "drafters" and shipped.config.hidden_size == 64
