@@ -132,10 +132,13 @@ def drafter_dir(name_or_path) -> Path:
     raise FileNotFoundError(f"no drafter {str(name_or_path)!r}: give a folder with {CONFIG_NAME} or one of {shipped}")
 
 
-def load(cls, name_or_path, target: nn.Module):
+def load(cls, name_or_path, target: nn.Module, dtype: torch.dtype | None = None):
     from .falcon import FalconDrafterConfig
 
     directory = drafter_dir(name_or_path)
-    drafter = cls(read_config(directory, FalconDrafterConfig), target)
-    drafter.load_state_dict(read_weights(directory, drafter.state_dict()))
+    config = read_config(directory, FalconDrafterConfig)
+    if dtype is not None:  # e.g. a drafter stored in bf16 (half the bytes) run in fp32 on a CPU
+        config.dtype = str(dtype).removeprefix("torch.")
+    drafter = cls(config, target)
+    drafter.load_state_dict(read_weights(directory, drafter.state_dict()))  # casts to the config's dtype
     return drafter

@@ -10,9 +10,10 @@ from tqdm.auto import tqdm
 from . import checkpoint
 
 def load_drafter(name_or_path: str, target):
+    """A drafter folder or shipped name, run in its target's dtype (what the CLI tools use)."""
     from .falcon import FalconDrafter
 
-    return FalconDrafter.from_pretrained(name_or_path, target=target)
+    return FalconDrafter.from_pretrained(name_or_path, target=target, dtype=target.get_input_embeddings().weight.dtype)
 
 
 @torch.no_grad()

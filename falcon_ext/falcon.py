@@ -284,11 +284,12 @@ class FalconDrafter(nn.Module):
         checkpoint.save(self, directory)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, target: nn.Module) -> "FalconDrafter":
+    def from_pretrained(cls, name_or_path, target: nn.Module, dtype: torch.dtype | None = None) -> "FalconDrafter":
         """Load a drafter saved by :meth:`save_pretrained` (a folder), or one shipped with the
-        package by name (``"stories260K"``, ``"SmolLM2-135M-Instruct"``); raises ValueError for
-        the wrong target or a corrupt/incomplete checkpoint."""
-        return checkpoint.load(cls, name_or_path, target)
+        package by name (``"stories260K"``, ``"SmolLM2-135M-Instruct"``), in ``dtype`` (default:
+        the dtype it was saved in); raises ValueError for the wrong target or a
+        corrupt/incomplete checkpoint."""
+        return checkpoint.load(cls, name_or_path, target, dtype)
 
     def weight_bytes(self) -> int:
         """Bytes of drafter weights one draft step reads (LM head excluded)."""

@@ -230,6 +230,13 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     feats, toks = torch.randn(1, 5, 7), torch.randint(0, 111, (1, 5))
     torch.testing.assert_close(loaded(feats, toks), d(feats, toks), rtol=0, atol=0)
     assert not any("emb" in n or "head" in n for n in loaded.state_dict())
+    # Stored in bf16, run in fp32: the weights are the bf16 values, widened exactly.
+    d.to(torch.bfloat16).config.dtype = "bfloat16"
+    d.save_pretrained(tmp_path / "bf16")
+    wide = FalconDrafter.from_pretrained(tmp_path / "bf16", target=target, dtype=torch.float32)
+    assert wide.config.dtype == "float32"
+    for (name, w), (_, narrow) in zip(wide.state_dict().items(), d.state_dict().items()):
+        assert w.dtype == torch.float32 and torch.equal(w, narrow.float()), name
     # The same target in bf16 still matches; another target does not.
     FalconDrafter.from_pretrained(tmp_path, target=TinyTarget(7, seed=0).to(torch.bfloat16))
     with pytest.raises(ValueError, match="wrong target"):
