@@ -96,16 +96,6 @@ def test_self_distillation_answers_end_at_stop(tmp_path, stories):
 
 # ---------------------------------------------------------------- CSGD pieces
 
-class _Head:
-    """Stand-in drafter for glance_inputs / distill_loss: logits through a fixed matrix."""
-
-    def __init__(self, weight):
-        self.weight = weight
-
-    def logits(self, f):
-        return f @ self.weight.T
-
-
 def _batch(B, T, H, V, seed=0):
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(B, T + 1, H, generator=g)
@@ -117,7 +107,7 @@ def _batch(B, T, H, V, seed=0):
 def test_glance_inputs_replace_span_with_truth():
     B, T, H, V, k = 3, 11, 5, 7, 2
     batch = _batch(B, T, H, V)
-    head = _Head(torch.randn(V, H))
+    head = ftrain.DistillHead(torch.randn(V, H))
     pred1 = torch.randn(B, T, H)
     pred_tok = head.logits(pred1).argmax(-1)
     d = ((pred_tok[:, : T - k] != batch.tokens[:, k + 1:]).sum(1)).tolist()
@@ -145,7 +135,7 @@ def test_distill_loss_matches_reference():
     batch = _batch(B, T, H, V, seed=3)
     batch.target_ok[0, :5] = False  # a prompt: targets before index 5 do not count
     batch.valid[1, 8:] = False  # padding
-    head = _Head(torch.randn(V, H))
+    head = ftrain.DistillHead(torch.randn(V, H))
     pred = torch.randn(B, T, H)
     cfg = ftrain.TrainConfig("t", "d", "o", k=k, seq_len=16)
     got = ftrain.distill_loss(head, pred, batch, 1, cfg)
@@ -168,6 +158,25 @@ def test_distill_loss_matches_reference():
     want = reg / n + 0.1 * (0.9 * kl / n + 0.1 * ce / n)
     assert abs(got.loss.item() - want) < 1e-5
     assert got.correct.tolist() == hits and got.count.sum().item() == n
+
+
+def test_distill_loss_over_data_vocab_renormalises_over_the_subset():
+    B, T, H, V, k = 2, 7, 4, 9, 2
+    batch = _batch(B, T, H, V, seed=5)
+    batch.tokens %= 4  # the data uses ids 0..3 only
+    weight, pred = torch.randn(V, H), torch.randn(B, T, H)
+    cfg = ftrain.TrainConfig("t", "d", "o", k=k, seq_len=16)
+    vocab = ftrain.data_vocab(ftrain.Sequences(list(batch.tokens), [], []))
+    assert vocab.tolist() == [0, 1, 2, 3]
+    got = ftrain.distill_loss(ftrain.DistillHead(weight, vocab=vocab), pred, batch, 0, cfg)
+    # Reference: the full-vocabulary loss with the head cut to rows 0..3 by hand.
+    want = ftrain.distill_loss(ftrain.DistillHead(weight[:4].clone()), pred, batch, 0, cfg)
+    assert abs(got.loss.item() - want.loss.item()) < 1e-6 and got.correct.tolist() == want.correct.tolist()
+    # Drafted tokens map back to vocabulary ids (here with a gap: ids 2, 5, 7).
+    sparse = ftrain.DistillHead(weight, vocab=torch.tensor([2, 5, 7]))
+    assert sparse.tokens(torch.tensor([0, 1, 2])).tolist() == [2, 5, 7]
+    torch.testing.assert_close(sparse.logits(pred), pred @ weight[[2, 5, 7]].T)
+    assert sparse.rows(torch.tensor([7, 2])).tolist() == [2, 0]
 
 
 def test_schedules():
