@@ -16,7 +16,6 @@ from falcon_ext import data as fdata
 from falcon_ext import smollm2, train as ftrain
 from falcon_ext.targets import load_target
 
-ROOT = Path(__file__).resolve().parents[1]
 STORY = ("Once upon a time there was a little cat named Tom. Tom liked to play in the sun. "
          "One day he saw a big red ball. He ran to it and played all day. He was very happy.")
 
@@ -193,14 +192,19 @@ def test_schedules():
 # ---------------------------------------------------------------- training and resume
 
 def _train_cmd(data, out, steps):
+    # Run it with cwd=tmp_path: `python -m` puts the working directory first on sys.path, and the
+    # repository root holds the source package without its compiled _C.
     return [sys.executable, "-m", "falcon_ext.cli_train", "train", "--target", "stories260K", "--data", str(data),
             "--out", str(out), "--steps", str(steps), "--batch-size", "2", "--seq-len", "24", "--lr", "1e-3",
             "--save-every", "5", "--log-every", "5", "--eval-sequences", "0", "--threads", "1", "--seed", "7"]
 
 
 def _env():
+    """The child imports the falcon_ext this process imports (installed, or built in place)."""
+    import falcon_ext
+
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(falcon_ext.__file__).parents[1]), env.get("PYTHONPATH", "")])
     return env
 
 
@@ -208,9 +212,9 @@ def _env():
 def test_resume_after_sigkill_gives_same_weights(tf_data, tmp_path):
     steps = 40
     full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(_train_cmd(tf_data, full, steps), check=True, env=_env(), capture_output=True)
+    subprocess.run(_train_cmd(tf_data, full, steps), check=True, env=_env(), cwd=tmp_path, capture_output=True)
 
-    proc = subprocess.Popen(_train_cmd(tf_data, killed, steps), env=_env(),
+    proc = subprocess.Popen(_train_cmd(tf_data, killed, steps), env=_env(), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = killed / "latest.json"
     deadline = time.time() + 120
@@ -222,7 +226,7 @@ def test_resume_after_sigkill_gives_same_weights(tf_data, tmp_path):
     assert 0 < step < steps, "the run must be killed between its first checkpoint and its end"
     assert not (killed / "final").exists()
 
-    subprocess.run(_train_cmd(tf_data, killed, steps), check=True, env=_env(), capture_output=True)
+    subprocess.run(_train_cmd(tf_data, killed, steps), check=True, env=_env(), cwd=tmp_path, capture_output=True)
     a = load_file(str(full / "final" / "model.safetensors"))
     b = load_file(str(killed / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -234,9 +238,9 @@ def test_resume_after_sigkill_gives_same_weights(tf_data, tmp_path):
 
 def test_resume_refuses_other_config(tf_data, tmp_path):
     cmd = _train_cmd(tf_data, tmp_path, 2)
-    subprocess.run(cmd, check=True, env=_env(), capture_output=True)
+    subprocess.run(cmd, check=True, env=_env(), cwd=tmp_path, capture_output=True)
     cmd[cmd.index("--lr") + 1] = "2e-3"
-    run = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    run = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode != 0 and "another configuration" in run.stderr
 
 
