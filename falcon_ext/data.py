@@ -20,6 +20,7 @@ resumes by skipping the shards that exist.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -162,7 +163,10 @@ def target_features(model, seqs: list[list[int]]) -> list[torch.Tensor]:
     Right padding: under causal attention the real positions never see the pads."""
     device = next(model.parameters()).device
     ids, mask = _pad(seqs, 0, left=False)
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
+    # Only the hidden states are needed: skip the LM head over every position where the model
+    # allows it (for SmolLM2 that is a fifth of the forward and a [B, L, 49152] fp32 buffer).
+    skip_logits = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True, **skip_logits)
     hidden = out.hidden_states[-1].float().cpu()
     return [hidden[row, : len(s)] for row, s in enumerate(seqs)]
 
