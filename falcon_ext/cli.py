@@ -26,12 +26,14 @@ def _timed(fn):
 
 def demo(args) -> int:
     from .generate import speculative_generate
+    from .prompts import encode
     from .targets import load_target
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_target(args.model)
     drafter = make_drafter(args.drafter, model, args.model)
-    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    # An instruction-tuned target (one whose tokenizer has a chat template) gets the prompt as a user turn.
+    ids, _ = encode(tokenizer, args.prompt, bool(getattr(tokenizer, "chat_template", None)), None)
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0) if args.temperature > 0 \
         else dict(do_sample=False)
 
@@ -69,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="falcon-ext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="generate with speculative decoding and compare with plain decoding")
-    p.add_argument("--model", default="stories260K", help="embedded model name or HF folder")
+    p.add_argument("--model", default="stories260K",
+                   help="embedded model name, SmolLM2-135M-Instruct (fetched and converted once), or an HF folder")
     p.add_argument("--drafter", default="falcon",
                    help="falcon (the Falcon drafter shipped for --model), lookup (prompt lookup), or a drafter folder")
     p.add_argument("--prompt", default="Once upon a time, there was a little girl named Lily.")

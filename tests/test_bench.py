@@ -98,3 +98,13 @@ def test_encode_cuts_from_the_start_keeping_bos(stories):
 def test_chat_template_on_needs_a_template(tmp_path):
     with pytest.raises(ValueError, match="no chat template"):
         bench.main(["--chat-template", "on", "--num-prompts", "1", "--out", str(tmp_path), "--no-progress"])
+
+
+def test_demo_prints_speedup_and_identity(capsys):
+    from falcon_ext import cli
+
+    assert cli.main(["demo", "--repeats", "1", "--max-new-tokens", "24"]) == 0  # 0: identical to generate
+    printed = capsys.readouterr().out
+    assert "identical to model.generate: True" in printed and "speedup over plain decoding:" in printed
+    accepted = float(printed.split("mean accepted tokens per target forward:")[1].split()[0])
+    assert accepted > 1.5  # the shipped drafter is trained: well above plain decoding's 1.0
