@@ -188,7 +188,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     target, tokenizer = load_target(args.target, getattr(torch, args.dtype), args.device)
-    drafter = FalconDrafter.from_pretrained(args.drafter, target=target)
+    # Measured in the target's dtype (how the engine runs it); the checkpoint keeps its own dtype.
+    drafter = FalconDrafter.from_pretrained(args.drafter, target=target, dtype=target.dtype)
     eos = getattr(target.generation_config, "eos_token_id", None)
     ranks = measure_ranks(drafter, target, _read_prompts(Path(args.prompts), tokenizer),
                           max_new_tokens=args.max_new_tokens, passes=args.passes, eos_token_id=eos)
@@ -197,8 +198,9 @@ def main(argv=None) -> None:
     costs = measure_costs(drafter, target, trees)
     best, options = choose(trees, rates, costs)
     device_type = torch.device(args.device).type
-    drafter.config.trees[device_type] = best.tree
-    drafter.save_pretrained(args.drafter)
+    stored = FalconDrafter.from_pretrained(args.drafter, target=target)
+    stored.config.trees[device_type] = best.tree
+    stored.save_pretrained(args.drafter)
     report = {"device": device_type, "steps_measured": len(ranks), "chosen": asdict(best),
               "options": [{k: v for k, v in asdict(o).items() if k != "tree"} for o in options],
               "node_rates": {",".join(map(str, k)): v for k, v in sorted(rates.items(), key=lambda kv: -kv[1])[:128]}}
