@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One-call GPU check for a CUDA machine (e.g. the H100/H200 boxes: Python 3.12, torch 2.11,
 # transformers 5.17, no network). Builds falcon_ext from source in place, runs the CUDA tests
-# against the CPU references, compute-sanitizer memcheck + racecheck over them, the op
-# benchmarks and the step benchmark; writes every log to OUTDIR and prints a summary table last.
+# against the CPU references, compute-sanitizer memcheck + racecheck over them, the pytest
+# benchmarks (every benchmarks/bench_*.py: bench_ops.py's tree ops vs plain PyTorch and
+# bench_draft_step.py, CPU and CUDA cases) and the step benchmark; writes every log to OUTDIR
+# and prints a summary table last.
 #
 #   usage: bash benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail
