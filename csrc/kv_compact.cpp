@@ -44,8 +44,11 @@ void check_path_values_cpu(at::TensorList kv, const at::Tensor& path, int64_t ds
   }
   const int64_t last = p[path.numel() - 1];
   for (size_t i = 0; i < kv.size(); ++i) {
-    TORCH_CHECK(dst_start + last < kv[i].size(2), "dst_start + path[-1] = ", dst_start + last,
-                " is outside kv[", i, "]'s sequence length ", kv[i].size(2));
+    // Compared as last < S - dst_start: dst_start + last could overflow int64 (both are >= 0
+    // here, so their sum is printed exactly as unsigned).
+    TORCH_CHECK(last < kv[i].size(2) - dst_start, "dst_start + path[-1] = ",
+                static_cast<uint64_t>(dst_start) + static_cast<uint64_t>(last), " is outside kv[", i,
+                "]'s sequence length ", kv[i].size(2));
   }
 }
 

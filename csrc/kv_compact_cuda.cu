@@ -39,7 +39,7 @@ struct KvBatch {
 };
 
 __device__ bool path_valid(const int64_t* __restrict__ path, int64_t length, int64_t dst_start, int64_t min_seq) {
-  bool ok = path[0] == 0 && dst_start + path[length - 1] < min_seq;
+  bool ok = path[0] == 0 && path[length - 1] < min_seq - dst_start;  // dst_start + path[-1] could overflow
   for (int64_t j = 1; j < length && ok; ++j) ok = path[j] > path[j - 1];
   return ok;
 }

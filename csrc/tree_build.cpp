@@ -28,6 +28,9 @@ void check_tree_shape(const at::Tensor& parents) {
 void check_tree_build_args(const at::Tensor& parents, int64_t prefix_len, at::ScalarType dtype) {
   check_tree_shape(parents);
   TORCH_CHECK(prefix_len >= 0, "prefix_len must be >= 0, got ", prefix_len);
+  // prefix_len + N is the mask width and the largest position id: it must not overflow int64
+  TORCH_CHECK(prefix_len <= std::numeric_limits<int64_t>::max() - parents.numel(),
+              "prefix_len + N must fit in int64, got prefix_len = ", prefix_len, " and N = ", parents.numel());
   TORCH_CHECK(at::isFloatingType(dtype), "dtype must be a floating type for the additive mask, got ", dtype);
 }
 

@@ -173,10 +173,18 @@ def _check_length(io: TargetIO, prompt_len: int, max_new_tokens: int):
 
 def _choose_token(logits_row: torch.Tensor, sampling: SamplingConfig, generator) -> int:
     """The target's own next token from one row of logits."""
+    if bool(logits_row.isnan().any()):
+        raise _nan_error("at the prompt's last position")
     if sampling.greedy:
         return int(logits_row.argmax())
     probs = warp_probs(logits_row[None], sampling)
     return int(torch.multinomial(probs.to(_generator_device(generator)), 1, generator=generator))
+
+
+def _nan_error(where: str) -> RuntimeError:
+    # argmax and the samplers would silently turn NaN into some token id: refuse instead.
+    return RuntimeError(f"the target model returned NaN logits ({where}); its output cannot be trusted "
+                        f"(overflow in its dtype, or broken weights), so generation stops here")
 
 
 def _generator_device(generator) -> torch.device:
@@ -248,10 +256,14 @@ def accept(logits, tree: DraftTree, sampling: SamplingConfig, generator) -> tupl
         uniforms = torch.rand(len(tree) + 1, generator=generator, device=_generator_device(generator))
         path, result = ops.tree_verify_sample(warp_probs(logits, sampling), tokens, parents,
                                               uniforms.to(logits.device))
-    count, next_token, *path = torch.cat([result, path]).tolist()  # the step's one host sync
+    nan_rows = logits.isnan().any(dim=-1).long()  # rides along with the step's one host sync
+    count, next_token, *rest = torch.cat([result, path, nan_rows]).tolist()
     if count < 1 or next_token < 0:
         raise RuntimeError("tree verification failed: malformed tree or out-of-vocabulary draft token")
-    return path[:count], next_token
+    path, nan_rows = rest[:count], rest[len(tree):]
+    if any(nan_rows[node] for node in path):  # only the accepted nodes' rows chose tokens
+        raise _nan_error(f"at tree nodes {[node for node in path if nan_rows[node]]} of a verification step")
+    return path, next_token
 
 
 def commit(state: DecodeState, path: list[int]) -> None:

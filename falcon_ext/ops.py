@@ -13,6 +13,21 @@ from . import _C  # noqa: F401  (loading the library registers torch.ops.falcon_
 _ops = torch.ops.falcon_ext
 
 
+def _check_tensors(op: str, named: list[tuple[str, object]]) -> None:
+    """Every argument a tensor, all on one device. The C++ checks cannot say this clearly: the
+    dispatcher picks the kernel from the tensors' devices before they run, so a stray meta
+    tensor ends in "no Meta kernel", a non-tensor in "no tensor arguments"."""
+    first_name, first_device = None, None
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if first_device is None:
+            first_name, first_device = name, t.device
+        elif t.device != first_device:
+            raise RuntimeError(f"{op}: every tensor must be on the same device, got {first_name} on {first_device} "
+                               f"and {name} on {t.device}")
+
+
 def tree_build(parents: torch.Tensor, prefix_len: int, dtype: torch.dtype = torch.float32):
     """Verification inputs for a draft tree.
 
@@ -24,6 +39,7 @@ def tree_build(parents: torch.Tensor, prefix_len: int, dtype: torch.dtype = torc
         [leaves, max_depth + 1] int64 of root-to-leaf node ids, -1 padded.
     Raises RuntimeError for a malformed tree.
     """
+    _check_tensors("tree_build", [("parents", parents)])
     return _ops.tree_build(parents, prefix_len, dtype)
 
 
@@ -41,6 +57,7 @@ def tree_verify_greedy(logits: torch.Tensor, tokens: torch.Tensor, parents: torc
     [0, V) raises on CPU; on CUDA it cannot without a host sync, so the op returns the sentinel
     result (0, -1) with path all -1: check ``result[0] >= 1`` where you read the result.
     """
+    _check_tensors("tree_verify_greedy", [("logits", logits), ("tokens", tokens), ("parents", parents)])
     return _ops.tree_verify_greedy(logits, tokens, parents)
 
 
@@ -64,6 +81,8 @@ def tree_verify_sample(probs: torch.Tensor, tokens: torch.Tensor, parents: torch
         uniforms: [N + 1] float32 in [0, 1): uniforms[i] tests node i, uniforms[N] draws the last token.
     Returns: as :func:`tree_verify_greedy`, including the CUDA sentinel (0, -1) for malformed data.
     """
+    _check_tensors("tree_verify_sample", [("probs", probs), ("tokens", tokens), ("parents", parents),
+                                          ("uniforms", uniforms)])
     return _ops.tree_verify_sample(probs, tokens, parents, uniforms)
 
 
@@ -77,6 +96,7 @@ def kv_compact_(kv: list[torch.Tensor], path: torch.Tensor, dst_start: int) -> N
     The tensors must not share memory with each other. On CPU a bad path raises; on CUDA it is
     checked in the kernel (no host sync) and leaves every tensor unchanged without an error.
     """
+    _check_tensors("kv_compact_", [("path", path)] + [(f"kv[{i}]", t) for i, t in enumerate(kv)])
     _ops.kv_compact_(kv, path, dst_start)
 
 
@@ -100,6 +120,9 @@ def falcon_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights: list[torch.T
         With ``encode_only`` (settling accepted context positions: only their LSTM state and
         keys/values matter) attention and MLP are skipped and ``out`` is [B, k, 0].
     """
+    _check_tensors("falcon_draft_step", list(zip(("x", "h0", "c0", "ctx_k", "ctx_v", "br_k", "br_v"),
+                                                 (x, h0, c0, ctx_k, ctx_v, br_k, br_v)))
+                   + [(f"weights[{i}]", w) for i, w in enumerate(weights)])
     return _ops.falcon_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps, encode_only)
 
 

@@ -3,12 +3,15 @@ RNG as safetensors, step and history as JSON; never pickles.
 
 <out>/checkpoints/step_<n>/ is written in a temporary folder and renamed into place, then
 <out>/latest.json is replaced atomically to point at it, so a kill at any moment leaves the
-previous checkpoint intact.
+previous checkpoint intact. A step saved again (the end-of-training evaluation re-saves the
+last step with its results) goes to a new folder, step_<n>_<revision>: the folder latest.json
+names is never modified or deleted while it names it.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -41,8 +44,13 @@ def _restore_optimizer(opt, params: list[str], tensors: dict, groups: list[dict]
 
 def save_checkpoint(out: Path, drafter, opt, step: int, gen: torch.Generator, history: dict, keep: int) -> None:
     ckpts = out / "checkpoints"
-    final = ckpts / f"step_{step:08d}"
-    tmp = ckpts / f".step_{step:08d}.tmp"
+    # Never reuse a folder name: removing and rewriting the folder latest.json names would leave
+    # it naming a missing or half-deleted folder if the process died in between.
+    name, revision = f"step_{step:08d}", 0
+    while (ckpts / name).exists():
+        revision += 1
+        name = f"step_{step:08d}_{revision:03d}"
+    final, tmp = ckpts / name, ckpts / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     drafter.save_pretrained(tmp)
@@ -51,25 +59,45 @@ def save_checkpoint(out: Path, drafter, opt, step: int, gen: torch.Generator, hi
     tensors["rng_state"] = gen.get_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step, **groups, "history": history}))
-    shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     latest = out / "latest.json"
     (out / "latest.json.tmp").write_text(json.dumps({"checkpoint": final.name, "step": step}))
     os.replace(out / "latest.json.tmp", latest)
+    # Names sort by step, then revision: the newest, which latest.json names, sorts last.
     for old in sorted(ckpts.glob("step_*"))[:-keep]:
         shutil.rmtree(old)
 
 
+def _read_json(path: Path, keys: tuple[str, ...]) -> dict:
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is missing or corrupt: {e}") from None
+    if not isinstance(body, dict) or not set(keys) <= set(body):
+        raise ValueError(f"{path} is corrupt: expected a JSON object with the keys {list(keys)}")
+    return body
+
+
 def load_checkpoint(out: Path, drafter, opt, gen: torch.Generator) -> tuple[int, dict]:
-    """Restores the newest checkpoint; returns (step, history), (0, {}) when there is none."""
+    """Restores the newest checkpoint; returns (step, history), (0, {}) when there is none.
+    Raises ValueError naming the file when the checkpoint is incomplete or corrupt."""
     latest = out / "latest.json"
     if not latest.exists():
         return 0, {}
-    ckpt = out / "checkpoints" / json.loads(latest.read_text())["checkpoint"]
+    name = _read_json(latest, ("checkpoint",))["checkpoint"]
+    ckpt = out / "checkpoints" / str(name)
+    if not isinstance(name, str) or not re.fullmatch(r"step_\d+(_\d+)?", name) or not ckpt.is_dir():
+        raise ValueError(f"{latest} names checkpoint {name!r}, which is not a folder in {out / 'checkpoints'}")
     loaded = FalconDrafter.from_pretrained(ckpt, target=drafter.target)
     drafter.load_state_dict(loaded.state_dict())
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    path = ckpt / "optimizer.safetensors"
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors' own error type for truncated or foreign (e.g. pickle) files
+        raise ValueError(f"{path} is missing, corrupt or truncated: {e}") from None
+    if "rng_state" not in tensors:
+        raise ValueError(f"{path} has no rng_state: not a training checkpoint")
     gen.set_state(tensors.pop("rng_state"))
-    state = json.loads((ckpt / "state.json").read_text())
+    state = _read_json(ckpt / "state.json", ("step", "param_groups", "history"))
     _restore_optimizer(opt, [n for n, _ in drafter.named_parameters()], tensors, state["param_groups"])
     return state["step"], state["history"]

@@ -1,13 +1,16 @@
 // C++ unit test of the tree ops' CPU references (and, in a CUDA build with a GPU, CUDA == CPU).
 // Run by ctest (CMakeLists.txt), also under AddressSanitizer + UBSan (scripts/sanitize_cpu.sh),
 // which is why it feeds malformed inputs: they must raise c10::Error without touching memory
-// they do not own. Expected values are written out by hand or computed by naive loops here.
+// they do not own. Expected values are written out by hand or computed by naive loops here;
+// test_fuzz_corpus adds a few hundred seeded random valid and malformed cases.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <functional>
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <vector>
@@ -179,6 +182,248 @@ void test_kv_compact_malformed() {
   EXPECT(same(kv, before));
 }
 
+// ---- deterministic fuzz corpus: random valid and malformed inputs from a fixed seed ----
+// Every case must throw c10::Error when (and only when) its input breaks the op's contract,
+// and otherwise return results inside their documented bounds that agree with naive loops
+// here. Under ASan + UBSan (scripts/sanitize_cpu.sh) any out-of-bounds access or undefined
+// behaviour (e.g. signed overflow on extreme ids and offsets) on the way aborts the test.
+
+constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+constexpr int64_t kMin = std::numeric_limits<int64_t>::min();
+
+struct Rng {  // 64-bit LCG; the high bits are the good ones
+  uint64_t state;
+  uint64_t next() {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    return state >> 11;
+  }
+  int64_t below(int64_t n) { return static_cast<int64_t>(next() % static_cast<uint64_t>(n)); }
+  bool chance(int percent) { return below(100) < percent; }
+  float uniform() { return static_cast<float>(next() >> 29) / 16777216.f; }  // [0, 1), 24 bits
+  template <typename T>
+  T pick(std::initializer_list<T> values) {
+    return values.begin()[below(static_cast<int64_t>(values.size()))];
+  }
+};
+
+bool tree_ok(const std::vector<int64_t>& p) {
+  if (p.empty() || p[0] != -1) return false;
+  for (size_t i = 1; i < p.size(); ++i) {
+    if (p[i] < 0 || p[i] >= static_cast<int64_t>(i)) return false;
+  }
+  return true;
+}
+
+// A random tree of n nodes; with `malformed`, one entry is replaced by a value that breaks it
+// (self loop, forward reference / cycle, out of range, a second root, extreme ids).
+std::vector<int64_t> fuzz_tree(Rng& r, int64_t n, bool malformed) {
+  std::vector<int64_t> p(n, -1);
+  for (int64_t i = 1; i < n; ++i) p[i] = r.below(i);
+  if (malformed && n > 0) {
+    const int64_t i = r.below(n);
+    p[i] = i == 0 ? r.pick<int64_t>({0, 1, n, kMin, kMax})
+                  : r.pick<int64_t>({i, i + r.below(n - i + 1), -1, -2 - r.below(5), n + r.below(3), kMin, kMax});
+  }
+  return p;
+}
+
+// A [n] int64 tensor holding `values`, contiguous or as a strided column of a [n, 2] buffer.
+at::Tensor long_vector(Rng& r, const std::vector<int64_t>& values) {
+  const at::Tensor t = longs(values);
+  if (!r.chance(40) || values.empty()) return t;
+  at::Tensor buffer = at::full({static_cast<int64_t>(values.size()), 2}, 7, t.options());
+  buffer.select(1, 0).copy_(t);
+  return buffer.select(1, 0);
+}
+
+std::vector<bool> ancestor_or_self_row(const std::vector<int64_t>& p, int64_t node) {
+  std::vector<bool> row(p.size(), false);
+  for (int64_t k = node; k != -1; k = p[k]) row[k] = true;
+  return row;
+}
+
+int64_t depth_of(const std::vector<int64_t>& p, int64_t node) {
+  int64_t depth = 0;
+  for (int64_t k = node; p[k] != -1; k = p[k]) ++depth;
+  return depth;
+}
+
+// Runs `fn`; true if it threw c10::Error (any other exception escapes and fails the test).
+bool throws(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const c10::Error&) {
+    return true;
+  }
+  return false;
+}
+
+void fuzz_tree_build(Rng& r, int cases) {
+  for (int c = 0; c < cases; ++c) {
+    const int64_t n = r.chance(5) ? 0 : 1 + r.below(40);
+    const bool malformed = r.chance(35);
+    const std::vector<int64_t> parents = fuzz_tree(r, n, malformed);
+    const bool bad_prefix = r.chance(10);
+    // kMax - n: the largest prefix_len whose prefix_len + N fits (then too large to allocate); kMax: past it
+    const int64_t prefix = bad_prefix ? r.pick<int64_t>({-1, kMin, kMax, kMax - n}) : r.below(50);
+    const at::ScalarType dtype = r.pick({at::kFloat, at::kHalf, at::kBFloat16, at::kDouble, at::kLong, at::kBool});
+    const bool valid = tree_ok(parents) && !bad_prefix && at::isFloatingType(dtype);
+    std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+    const bool threw = throws([&] { out = falcon_ext::tree_build_cpu(long_vector(r, parents), prefix, dtype); });
+    EXPECT(threw == !valid);
+    if (threw || !valid) continue;
+    const auto& [mask, pos, paths] = out;
+    EXPECT(mask.sizes() == at::IntArrayRef({n, prefix + n}) && mask.scalar_type() == dtype);
+    const at::Tensor m = mask.to(at::kFloat);
+    const auto ma = m.accessor<float, 2>();
+    const auto pa = pos.accessor<int64_t, 1>();
+    for (int64_t i = 0; i < n; ++i) {
+      EXPECT(pa[i] == prefix + depth_of(parents, i));
+      const std::vector<bool> visible = ancestor_or_self_row(parents, i);
+      for (int64_t j = 0; j < prefix + n; ++j) {
+        const bool open = j < prefix || visible[j - prefix];
+        EXPECT(open ? ma[i][j] == 0.f : std::isinf(ma[i][j]) && ma[i][j] < 0);
+      }
+    }
+    const auto ra = paths.accessor<int64_t, 2>();
+    for (int64_t row = 0; row < paths.size(0); ++row) {
+      EXPECT(ra[row][0] == 0);
+      for (int64_t col = 1; col < paths.size(1); ++col) {
+        const int64_t node = ra[row][col];
+        EXPECT(node >= -1 && node < n);
+        if (node >= 0) EXPECT(ra[row][col - 1] >= 0 && parents[node] == ra[row][col - 1]);
+      }
+    }
+  }
+}
+
+// scores [n, V]: mostly finite, with NaN, infinities and negatives sprinkled in.
+at::Tensor fuzz_scores(Rng& r, int64_t n, int64_t vocab, at::ScalarType dtype) {
+  std::vector<float> values(n * vocab);
+  const float inf = std::numeric_limits<float>::infinity();
+  for (float& v : values) {
+    v = r.chance(6) ? r.pick<float>({std::nanf(""), inf, -inf, 0.f, -1.f}) : 8.f * r.uniform() - 2.f;
+  }
+  const at::Tensor t = at::tensor(values).view({n, vocab}).to(dtype);
+  return r.chance(30) ? t.t().contiguous().t() : t;  // column-major storage half the time
+}
+
+// Lowest index of the row's maximum, NaN counting as -inf (the ops' documented rule).
+int64_t naive_argmax(const at::Tensor& row) {
+  const at::Tensor f = row.to(at::kFloat).contiguous();
+  const float* v = f.data_ptr<float>();
+  int64_t best = 0;
+  float best_value = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < f.numel(); ++i) {
+    if (!std::isnan(v[i]) && v[i] > best_value) best_value = v[i], best = i;
+  }
+  return best;
+}
+
+void fuzz_verify(Rng& r, int cases, bool sample) {
+  for (int c = 0; c < cases; ++c) {
+    const int64_t n = 1 + r.below(30), vocab = 1 + r.below(60);
+    const bool bad_dtype = r.chance(5);
+    const at::ScalarType dtype = bad_dtype ? r.pick({at::kDouble, at::kLong}) : r.pick({at::kFloat, at::kHalf, at::kBFloat16});
+    const at::Tensor scores = fuzz_scores(r, n, vocab, dtype);
+    const std::vector<int64_t> parents = fuzz_tree(r, n, r.chance(20));
+    std::vector<int64_t> tokens(n);
+    for (int64_t& t : tokens) t = r.below(vocab);
+    const bool bad_token = r.chance(15);
+    if (bad_token) tokens[r.below(n)] = r.pick<int64_t>({-1, vocab, vocab + 7, kMin, kMax});
+    const bool bad_uniforms = sample && r.chance(5);
+    std::vector<float> u(bad_uniforms ? n : n + 1);
+    for (float& x : u) x = r.uniform();
+    const bool valid = !bad_dtype && tree_ok(parents) && !bad_token && !bad_uniforms;
+    std::tuple<at::Tensor, at::Tensor> out;
+    const bool threw = throws([&] {
+      out = sample ? falcon_ext::tree_verify_sample_cpu(scores, long_vector(r, tokens), long_vector(r, parents),
+                                                        at::tensor(u))
+                   : falcon_ext::tree_verify_greedy_cpu(scores, long_vector(r, tokens), long_vector(r, parents));
+    });
+    EXPECT(threw == !valid);
+    if (threw || !valid) continue;
+    const auto& [path, result] = out;
+    EXPECT(path.sizes() == at::IntArrayRef({n}) && result.sizes() == at::IntArrayRef({2}));
+    const auto pa = path.accessor<int64_t, 1>();
+    const int64_t count = result[0].item<int64_t>(), next_token = result[1].item<int64_t>();
+    EXPECT(count >= 1 && count <= n && next_token >= 0 && next_token < vocab && pa[0] == 0);
+    bool chain = pa[0] == 0;  // path[0..count) is a root-to-node chain (indices checked before use)
+    for (int64_t k = 1; k < n; ++k) {
+      if (k >= count) {
+        EXPECT(pa[k] == -1);
+        continue;
+      }
+      chain = chain && pa[k] > 0 && pa[k] < n && parents[pa[k]] == pa[k - 1];
+      EXPECT(chain);
+      if (chain && !sample) EXPECT(tokens[pa[k]] == naive_argmax(scores[pa[k - 1]]));
+    }
+    if (chain && !sample && count >= 1 && count <= n) EXPECT(next_token == naive_argmax(scores[pa[count - 1]]));
+  }
+}
+
+// [B, H, S, D] cache view of `base`: the whole (contiguous) base, or a sequence window of a
+// [B, S + 3, H, D] buffer, i.e. neither contiguous nor at the buffer's origin.
+at::Tensor kv_view(const at::Tensor& base, bool contiguous, int64_t offset, int64_t seq) {
+  return contiguous ? base : base.narrow(1, offset, seq).permute({0, 2, 1, 3});
+}
+
+void fuzz_kv_compact(Rng& r, int cases) {
+  for (int c = 0; c < cases; ++c) {
+    const int64_t tensors = 1 + r.below(3), seq = 1 + r.below(20);
+    const at::ScalarType dtype = r.pick({at::kFloat, at::kHalf, at::kBFloat16});
+    const bool mixed_dtype = tensors > 1 && r.chance(5);
+    std::vector<at::Tensor> bases, views;
+    std::vector<std::pair<bool, int64_t>> layouts;
+    for (int64_t i = 0; i < tensors; ++i) {
+      const int64_t B = 1 + r.below(2), H = 1 + r.below(3), D = 1 + r.below(5);
+      const bool contiguous = r.chance(30);
+      const int64_t offset = r.below(4);
+      const at::ScalarType dt = mixed_dtype && i == tensors - 1 ? at::kDouble : dtype;
+      bases.push_back((contiguous ? at::randn({B, H, seq, D}) : at::randn({B, seq + 3, H, D})).to(dt));
+      views.push_back(kv_view(bases.back(), contiguous, offset, seq));
+      layouts.emplace_back(contiguous, offset);
+    }
+    const bool bad_start = r.chance(8);
+    const int64_t dst_start = bad_start ? r.pick<int64_t>({-1, seq, kMax, kMin, int64_t{1} << 62}) : r.below(seq);
+    std::vector<int64_t> path{0};
+    for (int64_t slot = 1; !bad_start && slot < seq - dst_start; ++slot) {
+      if (r.chance(40)) path.push_back(slot);
+    }
+    const int64_t mutation = r.chance(30) ? 1 + r.below(5) : 0;
+    switch (mutation) {
+      case 1: path[0] = r.pick<int64_t>({1, -1, kMax}); break;                   // root moved
+      case 2: path.push_back(path.back()); break;                                // not strictly increasing
+      case 3: path.push_back(std::max(path.back() + 1, seq - dst_start + r.below(3))); break;  // past the end
+      case 4: path.push_back(r.pick<int64_t>({kMax, int64_t{1} << 62})); break;  // dst_start + path[-1] overflows
+      case 5: path.clear(); break;                                               // no root
+    }
+    const bool valid = !bad_start && !mixed_dtype && mutation == 0;
+    std::vector<at::Tensor> want;  // whole buffers after a naive copy (unchanged for invalid input)
+    for (size_t i = 0; i < bases.size(); ++i) {
+      want.push_back(bases[i].clone());
+      if (!valid) continue;
+      at::Tensor view = kv_view(want.back(), layouts[i].first, layouts[i].second, seq);
+      const at::Tensor before = view.clone();
+      for (size_t j = 0; j < path.size(); ++j) {
+        view.select(2, dst_start + static_cast<int64_t>(j)).copy_(before.select(2, dst_start + path[j]));
+      }
+    }
+    const bool threw = throws([&] { falcon_ext::kv_compact_cpu(views, long_vector(r, path), dst_start); });
+    EXPECT(threw == !valid);
+    for (size_t i = 0; i < bases.size(); ++i) EXPECT(same(bases[i], want[i]));  // nothing outside the views moved
+  }
+}
+
+void test_fuzz_corpus() {
+  at::manual_seed(20250101);  // at::randn in fuzz_kv_compact
+  Rng r{0x5eed};
+  fuzz_tree_build(r, 150);
+  fuzz_verify(r, 150, /*sample=*/false);
+  fuzz_verify(r, 150, /*sample=*/true);
+  fuzz_kv_compact(r, 150);
+}
+
 #ifdef FALCON_EXT_WITH_CUDA
 void test_cuda_equals_cpu() {
   const at::Tensor parents = longs({-1, 0, 0, 1, 1, 2, 5, 0});
@@ -213,6 +458,7 @@ int main() {
   test_verify_malformed();
   test_kv_compact_aliasing();
   test_kv_compact_malformed();
+  test_fuzz_corpus();
 #ifdef FALCON_EXT_WITH_CUDA
   if (at::hasCUDA()) {
     test_cuda_equals_cpu();
