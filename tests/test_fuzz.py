@@ -8,7 +8,7 @@ dtypes, devices, types) must raise ValueError, RuntimeError or TypeError with a 
 the problem and leave every input unchanged; on CUDA, errors in the data (which the kernels
 cannot report without a host sync) give the documented sentinel / no-op instead.
 
-FALCON_FUZZ_EXAMPLES (default 60) sets the examples per test. Runs are derandomised so CI is
+FALCON_FUZZ_EXAMPLES (default 100) sets the examples per test. Runs are derandomised so CI is
 repeatable; FALCON_FUZZ_RANDOM=1 draws new examples each run (a longer fuzzing campaign).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from falcon_ext.testing import (
 )
 from test_draft_step import make_case, run_ref
 
-FUZZ = settings(max_examples=int(os.environ.get("FALCON_FUZZ_EXAMPLES", "60")), deadline=None,
+FUZZ = settings(max_examples=int(os.environ.get("FALCON_FUZZ_EXAMPLES", "100")), deadline=None,
                 derandomize=os.environ.get("FALCON_FUZZ_RANDOM") != "1", database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 HAS_CUDA = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("falcon_ext::tree_build", "CUDA")
@@ -406,9 +406,9 @@ def test_kv_compact_rejects_bad_input(data, case, device):
 # ---------------------------------------------------------------- falcon_draft_step
 
 @st.composite
-def draft_shapes(draw):
+def draft_shapes(draw, hidden=(1, 7, 12, 99)):
     """H, M, heads, B, k, S, D (the argument order of test_draft_step.make_case)."""
-    H = draw(st.sampled_from([1, 7, 12, 99]))
+    H = draw(st.sampled_from(hidden))
     heads = draw(st.sampled_from([d for d in range(1, H + 1) if H % d == 0]))
     return (H, draw(st.sampled_from([1, 13, 37])), heads, draw(st.integers(1, 4)), draw(st.integers(1, 4)),
             draw(st.sampled_from([0, 1, 7, 33])), draw(st.integers(0, 4)))
@@ -420,9 +420,12 @@ def draft_inputs(ref, inputs, dtype, how, device):
     return [*args, [layout(w.detach().to(dtype), how).to(device) for w in ref.weights()]]
 
 
+# H = 1 only in the error tests: RMSNorm over a single value x is x / sqrt(x^2 + eps), so near
+# |x| ~ sqrt(eps) one rounding moves the output by percents (for seed 11314 of (1, 37, 1, 3, 3, 0, 0)
+# the plain fp32 module's block_k is 0.036 off fp64, as far as the op's), beyond any fixed tolerance.
 @FUZZ
-@given(shape=draft_shapes(), seed=st.integers(0, 2**16), dtype=FLOATS, how=LAYOUTS, device=DEVICES,
-       encode_only=st.booleans())
+@given(shape=draft_shapes(hidden=(7, 12, 99)), seed=st.integers(0, 2**16), dtype=FLOATS, how=LAYOUTS,
+       device=DEVICES, encode_only=st.booleans())
 def test_draft_step_equals_reference(shape, seed, dtype, how, device, encode_only):
     ref, inputs = make_case(*shape, seed=seed)
     with torch.no_grad():
