@@ -182,14 +182,15 @@ def main(argv=None) -> None:
     p.add_argument("--passes", type=int, default=4, help="deepest tree considered, in drafter passes")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = p.parse_args(argv)
+    from .evaluate import load_drafter
     from .falcon import FalconDrafter
     from .targets import load_target
 
     if args.threads:
         torch.set_num_threads(args.threads)
     target, tokenizer = load_target(args.target, getattr(torch, args.dtype), args.device)
-    # Measured in the target's dtype (how the engine runs it); the checkpoint keeps its own dtype.
-    drafter = FalconDrafter.from_pretrained(args.drafter, target=target, dtype=target.dtype)
+    # Measured as the engine's CLI tools run it (in the target's dtype); the checkpoint keeps its own.
+    drafter = load_drafter(args.drafter, target)
     eos = getattr(target.generation_config, "eos_token_id", None)
     ranks = measure_ranks(drafter, target, _read_prompts(Path(args.prompts), tokenizer),
                           max_new_tokens=args.max_new_tokens, passes=args.passes, eos_token_id=eos)

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 
+
 def load_drafter(name_or_path: str, target):
     """A drafter folder or shipped name, run in its target's dtype (what the CLI tools use)."""
     from .falcon import FalconDrafter
