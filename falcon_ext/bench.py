@@ -129,19 +129,28 @@ class Setup:
         return Method(key, label, run)
 
 
-def resolve_drafter(name: str, model, target_name: str, lookup_tokens: int = 10, lookup_branches: int = 1):
+def resolve_drafter(name: str, model, target_name: str, lookup_tokens: int = 10, lookup_branches: int = 1,
+                    tree_size: int = 0):
     """``lookup`` (prompt lookup), ``falcon`` (the Falcon drafter shipped for this target) or a
-    Falcon drafter folder / shipped drafter name."""
+    Falcon drafter folder / shipped drafter name; a Falcon drafter drafts with the best
+    ``tree_size``-node tree of its cdt_measurement.json when that is not 0."""
     if name == "lookup":
+        if tree_size:
+            raise ValueError("--tree-size applies to Falcon drafters, not to --drafter lookup")
         return PromptLookupDrafter(num_tokens=lookup_tokens, max_branches=lookup_branches)
     try:
-        from .evaluate import load_drafter  # Falcon drafter loading lives with training
+        from .evaluate import load_drafter, measured_tree  # Falcon drafter loading lives with training
     except ImportError as error:
         raise ValueError(f"drafter {name!r} needs the Falcon drafter modules, which this install lacks "
                          f"({error}); use --drafter lookup") from None
+    from .checkpoint import drafter_dir
+
     if name == "falcon":
         name = Path(target_name.rstrip("/")).name.removesuffix(".gguf")
-    return load_drafter(name, model).eval()
+    drafter = load_drafter(name, model).eval()
+    if tree_size:
+        drafter.set_tree(measured_tree(drafter_dir(name), tree_size))
+    return drafter
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -164,10 +173,13 @@ def build_methods(args, model, tokenizer, counter) -> tuple[list[Method], dict[s
         elif key == "ar":
             methods.append(setup.engine_method(key, "falcon_ext AR", RootOnlyDrafter()))
         elif key == "spec":
-            drafter = resolve_drafter(args.drafter, model, args.target, args.lookup_tokens, args.lookup_branches)
+            drafter = resolve_drafter(args.drafter, model, args.target, args.lookup_tokens, args.lookup_branches,
+                                      args.tree_size)
             name = args.drafter
             if name == "lookup":
                 name += f" ({args.lookup_tokens}" + (f" x {args.lookup_branches})" if args.lookup_branches > 1 else ")")
+            elif args.tree_size:
+                name += f" ({args.tree_size}-node tree)"
             methods.append(setup.engine_method(key, f"falcon_ext + {name}", drafter))
         elif key == "pld":
             methods.append(setup.hf_method(key, f"HF prompt lookup ({args.pld_tokens})",
@@ -247,6 +259,9 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--lookup-tokens", type=int, default=10, help="tokens per continuation of --drafter lookup")
     p.add_argument("--lookup-branches", type=int, default=1,
                    help="continuations merged into one tree by --drafter lookup (1: a chain, like transformers')")
+    p.add_argument("--tree-size", type=int, default=0,
+                   help="Falcon drafter: draft with its best N-node measured tree (cdt_measurement.json) instead "
+                        "of the tree it stores for this device (0)")
     p.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for method pld")
     p.add_argument("--assistant", default=None, help="assistant model (HF folder) for method assisted")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

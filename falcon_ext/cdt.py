@@ -157,6 +157,7 @@ def propose(drafter, ctx: DraftContext) -> DraftTree:
     x, state = ctx.pending[None], ctx.state
     br_k = br_v = ctx.keys.new_empty(1, 0, H)
     ctx_k, ctx_v = ctx.keys[:ctx.length], ctx.values[:ctx.length]
+    head = drafter.draft_head()
     for p in range(plan.num_passes):
         if p > 0:
             pb = idx["parent_branch"][p]
@@ -166,6 +167,6 @@ def propose(drafter, ctx: DraftContext) -> DraftTree:
             br_k = torch.cat([br_k, bk], dim=1).index_select(0, pb)
             br_v = torch.cat([br_v, bv], dim=1).index_select(0, pb)
         out, state, bk, bv = drafter.draft_step(x, state, ctx_k, ctx_v, br_k, br_v)
-        top = drafter.logits(out).topk(plan.topk[p], dim=-1).indices  # [B, k, K]
+        top = head.tokens(head.logits(out).topk(plan.topk[p], dim=-1).indices)  # [B, k, K] token ids
         node_tokens.append(top.reshape(-1)[idx["gather"][p]])
     return DraftTree(torch.cat(node_tokens), idx["parents"])

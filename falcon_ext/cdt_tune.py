@@ -65,13 +65,16 @@ def _chain_ranks(drafter, truth: torch.Tensor, passes: int, max_rank: int):
         return None
     x, state = ctx.pending[None], ctx.state
     br_k = br_v = ctx.keys.new_empty(1, 0, drafter.config.hidden_size)
+    head = drafter.draft_head()
     ranks = []
     for p in range(passes):
         out, state, bk, bv = drafter.draft_step(x, state, ctx.keys[:ctx.length], ctx.values[:ctx.length], br_k, br_v)
-        logits = drafter.logits(out)[0].float()  # [k, V]
+        logits = head.logits(out)[0].float()  # [k, draft vocabulary]
         block = truth[p * k:(p + 1) * k]
-        true_logit = logits.gather(1, block[:, None])
-        ranks += (logits > true_logit).sum(1).clamp(max=max_rank).tolist()
+        rows = head.rows(block)
+        true_logit = logits.gather(1, rows.clamp(min=0)[:, None])
+        rank = (logits > true_logit).sum(1).masked_fill(rows < 0, max_rank)  # never proposed: a miss
+        ranks += rank.clamp(max=max_rank).tolist()
         x = drafter.pair_inputs(out, block[None])
         br_k, br_v = torch.cat([br_k, bk], 1), torch.cat([br_v, bv], 1)
     return ranks

@@ -141,4 +141,11 @@ def load(cls, name_or_path, target: nn.Module, dtype: torch.dtype | None = None)
         config.dtype = str(dtype).removeprefix("torch.")
     drafter = cls(config, target)
     drafter.load_state_dict(read_weights(directory, drafter.state_dict()))  # casts to the config's dtype
+    if drafter.draft_vocab is not None:
+        from .falcon import check_vocab
+
+        try:
+            check_vocab(drafter.draft_vocab, config.vocab_size)
+        except ValueError as e:
+            raise ValueError(f"{directory / WEIGHTS_NAME} has a corrupt draft_vocab: {e}") from None
     return drafter

@@ -38,6 +38,8 @@ class FalconDrafterConfig:
     Decoding Tree (rank paths, see falcon_ext.cdt) measured for each device type by
     falcon_ext.cdt_tune; tree: the one used on other devices; neither = a top-1 chain of
     ``num_passes`` blocks (what an unmeasured drafter gets).
+    draft_vocab_size: 0 = the drafter proposes from the whole vocabulary; else the number of
+    token ids in its ``draft_vocab`` buffer (see FalconDrafter.set_draft_vocab).
     target: the identity recorded by ``checkpoint.target_identity`` (checked on load).
     """
 
@@ -51,6 +53,7 @@ class FalconDrafterConfig:
     num_passes: int = 4
     tree: list[list[int]] | None = None
     trees: dict[str, list[list[int]]] = field(default_factory=dict)  # per device type ("cpu", "cuda")
+    draft_vocab_size: int = 0
     target: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -60,6 +63,9 @@ class FalconDrafterConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"FalconDrafterConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.draft_vocab_size, int) or not 0 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"FalconDrafterConfig.draft_vocab_size must be an int in [0, vocab_size="
+                             f"{self.vocab_size}], got {self.draft_vocab_size!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
         if self.dtype not in _DTYPES:
@@ -97,6 +103,53 @@ class RMSNorm(nn.Module):
         # Normalise in fp32: bf16 sums of squares lose too much at H = 4096.
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class DraftHead:
+    """The target's frozen LM head over all rows, or only the rows of ``vocab`` (sorted token ids).
+
+    Drafting and training read tokens through it. Restricted to the ids a drafter was trained on
+    (FR-Spec and EAGLE-3 do the same), it reads a fraction of the rows: SmolLM2's head has 49152,
+    its own answers use a few thousand, and the head is most of a CPU drafting pass or training
+    step. Lossless either way: the target verifies every drafted token; a token outside the set is
+    only never proposed.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, vocab: torch.Tensor | None = None):
+        self.vocab = vocab
+        with torch.no_grad():  # frozen: a copy of the rows, never part of a training graph
+            self.weight = weight.detach() if vocab is None else weight.detach().index_select(0, vocab)
+            self.bias = None if bias is None else bias.detach() if vocab is None else bias.detach().index_select(0, vocab)
+        if vocab is not None:  # token id -> row of the subset head (-1: not in the subset)
+            self.row = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
+            self.row[vocab] = torch.arange(vocab.numel(), device=weight.device)
+
+    def __len__(self) -> int:
+        return self.weight.shape[0]
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [..., len(self)] in the head's dtype."""
+        return F.linear(features.to(self.weight.dtype), self.weight, self.bias)
+
+    def rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids -> indices into ``logits``'s last dimension (-1 for ids outside the subset)."""
+        return tokens if self.vocab is None else self.row[tokens]
+
+    def tokens(self, rows: torch.Tensor) -> torch.Tensor:
+        """Indices into ``logits``'s last dimension -> token ids."""
+        return rows if self.vocab is None else self.vocab[rows]
+
+
+def check_vocab(token_ids, vocab_size: int) -> torch.Tensor:
+    """``token_ids`` as int64 if they are a non-empty, strictly increasing 1-D list of ids < vocab_size."""
+    ids = torch.as_tensor(token_ids)
+    if ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"a draft vocabulary must be a non-empty 1-D tensor of token ids, got "
+                         f"{ids.dtype} of shape {list(ids.shape)}")
+    ids = ids.long()
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size or (ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all())):
+        raise ValueError(f"a draft vocabulary must hold sorted, distinct token ids in [0, {vocab_size})")
+    return ids
 
 
 def relaxed_block_mask(length: int, k: int, block_offset: int = 0, device=None) -> torch.Tensor:
@@ -138,10 +191,13 @@ class FalconDrafter(nn.Module):
         self.mlp_norm = RMSNorm(H, config.rms_norm_eps)
         self.up = nn.Linear(H, M, bias=False)
         self.down = nn.Linear(M, H, bias=False)
+        # The ids are placeholders until load_state_dict or set_draft_vocab fills them.
+        self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size) if config.draft_vocab_size else None)
+        self._draft_head_key, self._draft_head = None, None
         self.to(device=target.get_input_embeddings().weight.device, dtype=config.torch_dtype)
         device_type = target.get_input_embeddings().weight.device.type
         paths = config.trees.get(device_type, config.tree)
-        self.plan = cdt.TreePlan(cdt.chain(config.k * config.num_passes) if paths is None else paths, config.k)
+        self.set_tree(cdt.chain(config.k * config.num_passes) if paths is None else paths)
         self.use_fused = True  # False: the plain-PyTorch draft_block (same contract)
         self.reset()
 
@@ -157,6 +213,27 @@ class FalconDrafter(nn.Module):
         """Token logits of (predicted) features through the target's LM head. [..., H] -> [..., V]."""
         head = self._target.get_output_embeddings()
         return head(features.to(head.weight.dtype))
+
+    def draft_head(self) -> DraftHead:
+        """The LM head over the draft vocabulary (built once; rebuilt if the head or vocabulary changes)."""
+        head = self._target.get_output_embeddings()
+        vocab = self.draft_vocab
+        key = (head.weight.data_ptr(), head.weight._version, head.weight.dtype,
+               None if vocab is None else (vocab.data_ptr(), vocab._version))
+        if key != self._draft_head_key:
+            self._draft_head = DraftHead(head.weight, getattr(head, "bias", None),
+                                         None if vocab is None else vocab.to(head.weight.device))
+            self._draft_head_key = key
+        return self._draft_head
+
+    def set_draft_vocab(self, token_ids) -> None:
+        """Propose only these token ids (sorted, distinct; None: the whole vocabulary); saved with
+        the checkpoint. ``falcon-ext train --distill-vocab data`` sets the ids of its training data,
+        the rows the drafter was trained to rank."""
+        ids = None if token_ids is None else check_vocab(token_ids, self.config.vocab_size)
+        self._check_plan(self.plan, self.config.vocab_size if ids is None else ids.numel())
+        self.draft_vocab = None if ids is None else ids.to(self.qkv.weight.device)
+        self.config.draft_vocab_size = 0 if ids is None else ids.numel()
 
     def pair_inputs(self, features: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         """concat(f_i, emb(t_{i+1})): [..., H] and [...] -> [..., 2H] in the drafter's dtype."""
@@ -247,7 +324,6 @@ class FalconDrafter(nn.Module):
             return self.draft_block(x, state, ctx_k, ctx_v, br_k, br_v)
         from . import ops
 
-
         out, h, c, bk, bv = ops.falcon_draft_step(x, state.h, state.c, ctx_k, ctx_v, br_k, br_v,
                                                   self.fused_weights(), self.config.num_heads,
                                                   self.config.rms_norm_eps)
@@ -276,7 +352,15 @@ class FalconDrafter(nn.Module):
     def set_tree(self, paths: list[list[int]]) -> None:
         """Draft with another Custom-Designed Decoding Tree (rank paths, see falcon_ext.cdt).
         Not saved: checkpoints keep ``config.trees`` / ``config.tree``."""
-        self.plan = cdt.TreePlan(paths, self.config.k)
+        plan = cdt.TreePlan(paths, self.config.k)
+        self._check_plan(plan, self.config.draft_vocab_size or self.config.vocab_size)
+        self.plan = plan
+
+    @staticmethod
+    def _check_plan(plan: cdt.TreePlan, rows: int) -> None:
+        if max(plan.topk, default=0) > rows:
+            raise ValueError(f"the tree asks for the top {max(plan.topk)} tokens of a pass; the drafter "
+                             f"proposes from {rows} token ids")
 
     # ---- checkpoints ----
     def save_pretrained(self, directory) -> None:

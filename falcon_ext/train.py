@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import Sequences, read_data
-from .falcon import FalconDrafter, FalconDrafterConfig
+from .falcon import DraftHead, FalconDrafter, FalconDrafterConfig
 from .train_state import load_checkpoint, save_checkpoint
 from .targets import load_target, parse_dtype
 
@@ -65,7 +65,7 @@ class TrainConfig:
     w_dist: float = 0.1
     kl_alpha: float = 0.9
     loss_on_prompt: bool = False
-    distill_vocab: str = "full"  # full | data: the LM head rows the losses use (see DistillHead)
+    distill_vocab: str = "full"  # full | data: the LM head rows the losses use (see falcon.DraftHead)
     num_heads: int = 0  # 0: the drafter's default for the target
     intermediate_size: int = 0
     dtype: str = "float32"
@@ -152,47 +152,12 @@ class StepLosses:
     first_correct: torch.Tensor | None = None  # CSGD: the first (true-input) pass's counts
 
 
-class DistillHead:
-    """The frozen LM head the losses read: all rows, or only the rows of ``vocab`` (sorted token ids).
-
-    With ``distill_vocab="data"`` the KL, CE and drafted tokens are over the ids that occur in the
-    training data, both distributions renormalised over them. On a large vocabulary the head is
-    most of a training step (SmolLM2: 49152 rows, of which its own answers use a few thousand), so
-    this makes CPU training several times faster; the true next token is always in the set, and
-    the distillation loses only the probability mass the target puts on ids it never emitted.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, vocab: torch.Tensor | None = None):
-        self.vocab = vocab
-        self.weight = weight if vocab is None else weight[vocab]
-        self.bias = bias if bias is None or vocab is None else bias[vocab]
-        if vocab is not None:  # token id -> row of the subset head (-1: not in the subset)
-            self.row = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
-            self.row[vocab] = torch.arange(vocab.numel(), device=weight.device)
-
-    @classmethod
-    def for_drafter(cls, drafter, vocab: torch.Tensor | None = None) -> "DistillHead":
-        head = drafter.target.get_output_embeddings()
-        return cls(head.weight, head.bias, None if vocab is None else vocab.to(head.weight.device))
-
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return F.linear(features.to(self.weight.dtype), self.weight, self.bias)
-
-    def rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids -> indices into ``logits``'s last dimension."""
-        return tokens if self.vocab is None else self.row[tokens]
-
-    def tokens(self, rows: torch.Tensor) -> torch.Tensor:
-        """Indices into ``logits``'s last dimension -> token ids."""
-        return rows if self.vocab is None else self.vocab[rows]
-
-
 def data_vocab(seqs: Sequences) -> torch.Tensor:
     """Sorted ids of every token in the sequences (the ``distill_vocab="data"`` head rows)."""
     return torch.unique(torch.cat([t.long() for t in seqs.tokens]))
 
 
-def distill_loss(head: DistillHead, pred, batch: Batch, offset: int, cfg: TrainConfig) -> StepLosses:
+def distill_loss(head: DraftHead, pred, batch: Batch, offset: int, cfg: TrainConfig) -> StepLosses:
     """Loss of predictions ``pred`` [B, T, H] (position i predicts f_{i+k}, token t_{i+k+1})."""
     k = cfg.k
     T = pred.shape[1]
@@ -219,7 +184,7 @@ def distill_loss(head: DistillHead, pred, batch: Batch, offset: int, cfg: TrainC
     return StepLosses(loss, reg.item(), kl.item(), ce.item(), correct, count)
 
 
-def glance_inputs(head: DistillHead, pred1, batch: Batch, lam: float, span: str, k: int, gen: torch.Generator):
+def glance_inputs(head: DraftHead, pred1, batch: Batch, lam: float, span: str, k: int, gen: torch.Generator):
     """Second-pass inputs: predicted (f̂_i, t̂_{i+1}) except the first k and N = round(λ·d) consecutive
     positions per sequence, which keep their true inputs. Returns (features, next_tokens) [B, T, .]."""
     B, T, _ = pred1.shape
@@ -258,7 +223,7 @@ def noisy(features: torch.Tensor, amount: float, gen: torch.Generator) -> torch.
     return features + noise.to(features.device)
 
 
-def train_step(drafter, head: DistillHead, batch: Batch, cfg: TrainConfig, lam: float,
+def train_step(drafter, head: DraftHead, batch: Batch, cfg: TrainConfig, lam: float,
                gen: torch.Generator) -> StepLosses:
     T = batch.tokens.shape[1] - 1
     offset = int(torch.randint(0, cfg.k, (1,), generator=gen))
@@ -327,7 +292,8 @@ def _chain_at(drafter, feats, toks, n: int, passes: int, k: int) -> int:
     drafted = []
     for _ in range(passes):
         out = drafter(f_in[None], t_in[None], offset)[0, -k:]
-        block = drafter.logits(out).argmax(-1)
+        head = drafter.draft_head()
+        block = head.tokens(head.logits(out).argmax(-1))
         drafted.extend(block.tolist())
         f_in, t_in = torch.cat([f_in, out.to(f_in.dtype)]), torch.cat([t_in, block])
     truth = toks[n + 2: n + 2 + len(drafted)].tolist()
@@ -387,10 +353,14 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> FalconDrafter:
     torch.manual_seed(cfg.seed)  # drafter initialisation
     drafter = build_drafter(cfg, model)
     if cfg.init:
-        drafter.load_state_dict(FalconDrafter.from_pretrained(cfg.init, target=model).state_dict())
+        init = FalconDrafter.from_pretrained(cfg.init, target=model)
+        init.set_draft_vocab(None)  # the weights only: the vocabulary follows this run's data
+        drafter.load_state_dict(init.state_dict())
+    # What the losses rank the drafter on is what it will propose from.
+    drafter.set_draft_vocab(data_vocab(train_seqs) if cfg.distill_vocab == "data" else None)
+    head = drafter.draft_head()
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    head = DistillHead.for_drafter(drafter, data_vocab(train_seqs) if cfg.distill_vocab == "data" else None)
     step, history = load_checkpoint(out, drafter, opt, gen)
     log = open(out / "train_log.jsonl", "a")
     bar = tqdm(total=total, initial=step, desc="train", unit="step")

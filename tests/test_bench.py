@@ -34,6 +34,20 @@ def test_bench_end_to_end_greedy(tmp_path):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_falcon_drafter_with_a_measured_tree_size(tmp_path):
+    out = tmp_path / "out"
+    rc = bench.main(["--target", "stories260K", "--drafter", "falcon", "--tree-size", "16", "--methods", "generate,spec",
+                     "--prompts", "mt-bench", "--num-prompts", "1", "--max-new-tokens", "24", "--threads", "1",
+                     "--out", str(out), "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["summary"]["spec"]["identical_to_generate"] == 1
+    assert report["breakdown"]["spec"]["mean_tree_nodes"] > 10  # the shipped CPU tree has 10 nodes; this one 16 + root
+    assert "falcon_ext + falcon (16-node tree)" in (out / "bench.md").read_text()
+    with pytest.raises(ValueError, match="tree-size"):
+        bench.main(["--drafter", "lookup", "--tree-size", "4", "--methods", "spec", "--out", str(out)])
+
+
 def test_bench_rejects_unknown_method():
     with pytest.raises(SystemExit):
         bench.main(["--methods", "generate,warp"])

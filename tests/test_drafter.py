@@ -167,9 +167,14 @@ BUSHY = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 
          [0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]]
 
 
+EVERY_THIRD = list(range(1, 111, 3))  # a draft vocabulary of 37 of the 111 ids
+
+
+@pytest.mark.parametrize("vocab", [None, EVERY_THIRD])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_propose_returns_valid_tree(k):
+def test_propose_returns_valid_tree(k, vocab):
     d = make_drafter(7, k=k, heads=1)
+    d.set_draft_vocab(vocab)
     d.set_tree(BUSHY)
     tokens, feats = torch.randint(0, 111, (9,)), torch.randn(9, 7)
     d.extend(tokens[:8], feats[:8], int(tokens[8]))
@@ -191,11 +196,52 @@ def test_propose_returns_valid_tree(k):
             out, state, bk, bv = d.draft_block(x, state, ctx.keys[:ctx.length], ctx.values[:ctx.length],
                                                bk_all, bv_all)
             bk_all, bv_all = torch.cat([bk_all, bk], 1), torch.cat([bv_all, bv], 1)
-            order = d.logits(out)[0].argsort(-1, descending=True)
+            logits = d.logits(out)[0]  # the full head; ids outside the draft vocabulary are masked
+            if vocab is not None:
+                logits = logits.masked_fill(~torch.isin(torch.arange(111), torch.tensor(vocab)), float("-inf"))
+            order = logits.argsort(-1, descending=True)
             drafted += [int(order[j, path[p * k + j]]) for j in range(k) if p * k + j < len(path)]
             if p + 1 < passes:
                 x = d.pair_inputs(out, torch.tensor([drafted[p * k:]]))
         assert int(tree.tokens[n]) == drafted[-1], (path, drafted)
+    if vocab is not None:
+        assert set(tree.tokens[1:].tolist()) <= set(vocab)
+
+
+def test_draft_vocab_checks_and_checkpoint(tmp_path):
+    target = TinyTarget(7, seed=0)
+    d = make_drafter(7, k=2, target=target)
+    for bad, match in ((torch.tensor([3.0, 4.0]), "token ids"), (torch.tensor([[1, 2]]), "token ids"),
+                       (torch.tensor([], dtype=torch.long), "token ids"), (torch.tensor([5, 3]), "sorted"),
+                       (torch.tensor([3, 3]), "sorted"), (torch.tensor([0, 111]), r"\[0, 111\)"),
+                       (torch.tensor([-1, 4]), "sorted")):
+        with pytest.raises(ValueError, match=match):
+            d.set_draft_vocab(bad)
+    assert d.draft_vocab is None and d.config.draft_vocab_size == 0  # a refused vocabulary changes nothing
+    d.set_tree([[0], [1], [2], [0, 0]])
+    with pytest.raises(ValueError, match="top 3 tokens"):
+        d.set_draft_vocab([4, 9])  # too few ids for the tree
+    assert d.draft_vocab is None and d.config.draft_vocab_size == 0
+    d.set_draft_vocab([4, 9, 50])
+    with pytest.raises(ValueError, match="top 4 tokens"):
+        d.set_tree([[0], [1], [2], [3]])
+    d.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["draft_vocab_size"] == 3
+    loaded = FalconDrafter.from_pretrained(tmp_path, target=target)
+    assert loaded.draft_vocab.tolist() == [4, 9, 50] and loaded.draft_head().vocab.tolist() == [4, 9, 50]
+    loaded.set_draft_vocab(None)
+    assert "draft_vocab" not in loaded.state_dict() and len(loaded.draft_head()) == 111
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["draft_vocab"] = torch.tensor([9, 4, 50])
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="corrupt draft_vocab"):
+        FalconDrafter.from_pretrained(tmp_path, target=target)
+    tensors["draft_vocab"] = torch.tensor([4, 9])
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="draft_vocab has shape"):
+        FalconDrafter.from_pretrained(tmp_path, target=target)
 
 
 def test_short_context_gives_root_only():
@@ -280,11 +326,13 @@ def engine_drafter(vocab=13, seed=0):
     return target, drafter
 
 
+@pytest.mark.parametrize("vocab", [None, [0, 2, 3, 5, 8, 11]])
 @pytest.mark.parametrize("tree", [chain(6), BUSHY])
-def test_speculative_generate_lossless_greedy(tree):
+def test_speculative_generate_lossless_greedy(tree, vocab):
     from falcon_ext import speculative_generate
 
     target, drafter = engine_drafter()
+    drafter.set_draft_vocab(vocab)
     drafter.set_tree(tree)
     for n, max_new in ((1, 30), (5, 17)):
         ids = torch.randint(1, 13, (1, n), generator=torch.Generator().manual_seed(n))
@@ -306,11 +354,13 @@ def test_speculative_generate_sampling_runs():
     assert out.sequences.shape == (1, 23) and int(out.sequences.max()) < 13
 
 
-def test_measured_ranks_predict_engine_acceptance():
+@pytest.mark.parametrize("vocab", [None, [1, 2, 5, 7, 9, 10, 12]])
+def test_measured_ranks_predict_engine_acceptance(vocab):
     """cdt_tune's teacher-forced ranks say, step by step, how many nodes greedy verification accepts."""
     from falcon_ext import cdt_tune, speculative_generate
 
     target, drafter = engine_drafter(vocab=13, seed=3)
+    drafter.set_draft_vocab(vocab)
     drafter.set_tree(BUSHY)
     ids = torch.tensor([[2, 7, 5]])
     roots, propose = [], drafter.propose

@@ -1,4 +1,5 @@
 """Drafter training: data preparation, CSGD pieces, checkpoints, resume after SIGKILL."""
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 from falcon_ext import data as fdata
 from falcon_ext import smollm2, train as ftrain
+from falcon_ext.falcon import DraftHead
 from falcon_ext.targets import load_target
 
 STORY = ("Once upon a time there was a little cat named Tom. Tom liked to play in the sun. "
@@ -106,7 +108,7 @@ def _batch(B, T, H, V, seed=0):
 def test_glance_inputs_replace_span_with_truth():
     B, T, H, V, k = 3, 11, 5, 7, 2
     batch = _batch(B, T, H, V)
-    head = ftrain.DistillHead(torch.randn(V, H))
+    head = DraftHead(torch.randn(V, H))
     pred1 = torch.randn(B, T, H)
     pred_tok = head.logits(pred1).argmax(-1)
     d = ((pred_tok[:, : T - k] != batch.tokens[:, k + 1:]).sum(1)).tolist()
@@ -134,7 +136,7 @@ def test_distill_loss_matches_reference():
     batch = _batch(B, T, H, V, seed=3)
     batch.target_ok[0, :5] = False  # a prompt: targets before index 5 do not count
     batch.valid[1, 8:] = False  # padding
-    head = ftrain.DistillHead(torch.randn(V, H))
+    head = DraftHead(torch.randn(V, H))
     pred = torch.randn(B, T, H)
     cfg = ftrain.TrainConfig("t", "d", "o", k=k, seq_len=16)
     got = ftrain.distill_loss(head, pred, batch, 1, cfg)
@@ -167,12 +169,12 @@ def test_distill_loss_over_data_vocab_renormalises_over_the_subset():
     cfg = ftrain.TrainConfig("t", "d", "o", k=k, seq_len=16)
     vocab = ftrain.data_vocab(ftrain.Sequences(list(batch.tokens), [], []))
     assert vocab.tolist() == [0, 1, 2, 3]
-    got = ftrain.distill_loss(ftrain.DistillHead(weight, vocab=vocab), pred, batch, 0, cfg)
+    got = ftrain.distill_loss(DraftHead(weight, vocab=vocab), pred, batch, 0, cfg)
     # Reference: the full-vocabulary loss with the head cut to rows 0..3 by hand.
-    want = ftrain.distill_loss(ftrain.DistillHead(weight[:4].clone()), pred, batch, 0, cfg)
+    want = ftrain.distill_loss(DraftHead(weight[:4].clone()), pred, batch, 0, cfg)
     assert abs(got.loss.item() - want.loss.item()) < 1e-6 and got.correct.tolist() == want.correct.tolist()
     # Drafted tokens map back to vocabulary ids (here with a gap: ids 2, 5, 7).
-    sparse = ftrain.DistillHead(weight, vocab=torch.tensor([2, 5, 7]))
+    sparse = DraftHead(weight, vocab=torch.tensor([2, 5, 7]))
     assert sparse.tokens(torch.tensor([0, 1, 2])).tolist() == [2, 5, 7]
     torch.testing.assert_close(sparse.logits(pred), pred @ weight[[2, 5, 7]].T)
     assert sparse.rows(torch.tensor([7, 2])).tolist() == [2, 0]
@@ -234,6 +236,24 @@ def test_resume_after_sigkill_gives_same_weights(tf_data, tmp_path):
         assert torch.equal(a[name], b[name]), name
     log = [json.loads(line) for line in (killed / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == steps and len(log[-1]["acc"]) == 2
+
+
+def test_data_vocab_training_stores_the_draft_vocabulary(tf_data, tmp_path, stories):
+    """--distill-vocab data: the drafter proposes from the ids it was trained to rank, and keeps them."""
+    from falcon_ext.falcon import FalconDrafter
+
+    model, tokenizer = stories
+    cfg = ftrain.TrainConfig("stories260K", [str(tf_data)], str(tmp_path / "v"), steps=2, batch_size=2, seq_len=24,
+                             lr=1e-3, eval_sequences=0, distill_vocab="data", save_every=1)
+    trained = ftrain.train(cfg, model, tokenizer)
+    ids = sorted(set(torch.cat(fdata.read_data(tf_data)[1].tokens).tolist()))
+    assert trained.draft_vocab.tolist() == ids and trained.config.draft_vocab_size == len(ids) < 512
+    loaded = FalconDrafter.from_pretrained(tmp_path / "v" / "final", target=model)
+    assert loaded.draft_vocab.tolist() == ids
+    # A full-vocabulary run can start from it: the weights carry over, the vocabulary does not.
+    full = ftrain.train(dataclasses.replace(cfg, out=str(tmp_path / "f"), distill_vocab="full",
+                                            init=str(tmp_path / "v" / "final"), steps=1), model, tokenizer)
+    assert full.draft_vocab is None and "draft_vocab" not in full.state_dict()
 
 
 def test_resume_refuses_other_config(tf_data, tmp_path):
