@@ -14,48 +14,12 @@ its cost grows with N.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
-from falcon_ext import ops
-from falcon_ext.generate import _forward, _target_io
+from falcon_ext.cdt_tune import VerifyTimer, median_seconds
 from falcon_ext.targets import load_target
-
-
-def median_seconds(fn, device: torch.device, rounds: int) -> float:
-    times = []
-    for _ in range(rounds + 1):  # the first call warms caches and allocators
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
-
-
-@torch.no_grad()
-def forward_seconds(model, nodes: list[int], prefix_len: int, rounds: int) -> dict[int, float]:
-    io = _target_io(model)
-    device = io.input_device
-    prefix = torch.randint(3, io.vocab_size, (1, prefix_len), device=device,
-                           generator=torch.Generator(device).manual_seed(0))
-    cache = DynamicCache()
-    _forward(io, prefix, cache, need_features=True)
-
-    def verify(n):
-        mask, positions, _ = ops.tree_build(torch.arange(-1, n - 1, device=device), prefix_len, io.dtype)
-        _forward(io, prefix[:, :n], cache, need_features=True, attention_mask=mask[None, None],
-                 position_ids=positions[None])
-        for layer in cache.layers:  # drop the tree again, as the engine's compaction would
-            layer.keys, layer.values = layer.keys[:, :, :prefix_len], layer.values[:, :, :prefix_len]
-
-    return {n: median_seconds(lambda: verify(n), device, rounds) for n in nodes}
 
 
 @torch.no_grad()
@@ -85,7 +49,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     nodes = sorted(set([1] + args.nodes))
     model, _ = load_target(args.target, getattr(torch, args.dtype), args.device)
-    seconds = forward_seconds(model, nodes, args.prefix, args.rounds)
+    timer = VerifyTimer.for_target(model, args.prefix)
+    seconds = {n: timer.seconds(n, args.rounds) for n in nodes}
     gflops = gemm_gflops(model, nodes, args.rounds)
     print(f"{args.target} on {args.device} ({args.dtype}, {torch.get_num_threads()} threads), "
           f"prefix {args.prefix}, median of {args.rounds}")

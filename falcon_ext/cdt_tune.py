@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from . import ops
 from .cdt import TreePlan
+from .generate import TargetIO, _forward, _target_io
 
 SIZES = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
 
@@ -101,7 +102,8 @@ def expected_accepted(tree: list[list[int]], rates) -> float:
     return sum(rates.get(tuple(p), 0.0) for p in tree)
 
 
-def _median_time(fn, device, rounds: int) -> float:
+def median_seconds(fn, device, rounds: int) -> float:
+    """Median wall time of ``rounds`` calls of ``fn`` after one warm-up call (CUDA synchronised)."""
     times = []
     for _ in range(rounds + 1):
         if device.type == "cuda":
@@ -114,37 +116,56 @@ def _median_time(fn, device, rounds: int) -> float:
     return statistics.median(times[1:])  # the first call warms caches/allocators
 
 
+@dataclass
+class VerifyTimer:
+    """The target's KV cache over a random prefix, for timing verify forwards over N tokens."""
+
+    io: TargetIO
+    prefix: torch.Tensor  # [1, prefix_len]
+    cache: object
+    features: torch.Tensor  # [prefix_len, H]: the target's features of the prefix
+
+    @classmethod
+    @torch.no_grad()
+    def for_target(cls, target, prefix_len: int = 128) -> "VerifyTimer":
+        from transformers import DynamicCache
+
+        io = _target_io(target)
+        prefix = torch.randint(3, io.vocab_size, (1, prefix_len), device=io.input_device,
+                               generator=torch.Generator(io.input_device).manual_seed(0))
+        cache = DynamicCache()
+        _, features = _forward(io, prefix, cache, need_features=True)
+        return cls(io, prefix, cache, features)
+
+    @torch.no_grad()
+    def verify(self, n_nodes: int) -> None:
+        """One verify forward over a chain of ``n_nodes`` tokens (the cost depends on N, not shape)."""
+        prefix_len = self.prefix.shape[1]
+        parents = torch.arange(-1, n_nodes - 1, device=self.io.input_device)
+        mask, positions, _ = ops.tree_build(parents, prefix_len, self.io.dtype)
+        _forward(self.io, self.prefix[:, :n_nodes], self.cache, need_features=True,
+                 attention_mask=mask[None, None], position_ids=positions[None])
+        for layer in self.cache.layers:  # drop the tree again, as the engine's compaction would
+            layer.keys, layer.values = layer.keys[:, :, :prefix_len], layer.values[:, :, :prefix_len]
+
+    def seconds(self, n_nodes: int, rounds: int) -> float:
+        return median_seconds(lambda: self.verify(n_nodes), self.io.input_device, rounds)
+
+
 @torch.no_grad()
 def measure_costs(drafter, target, trees: dict[int, list[list[int]]], *, prefix_len: int = 128,
                   rounds: int = 7) -> dict[int, dict[str, float]]:
     """Seconds per step on this device: drafting each tree and verifying its N + 1 tokens."""
-    from transformers import DynamicCache
-
-    from .generate import _forward, _target_io
-
-    io = _target_io(target)
-    device = io.input_device
-    prefix = torch.randint(3, drafter.config.vocab_size, (1, prefix_len), device=device,
-                           generator=torch.Generator(device).manual_seed(0))
-    cache = DynamicCache()
-    _, feats = _forward(io, prefix, cache, need_features=True)
+    timer = VerifyTimer.for_target(target, prefix_len)
     drafter.reset()
-    drafter.extend(prefix[0, :-1], feats[:-1], int(prefix[0, -1]))
-
-    def verify(n_nodes):
-        parents = torch.arange(-1, n_nodes - 1, device=device)  # chain: the cost depends on N, not shape
-        mask, positions, _ = ops.tree_build(parents, prefix_len, io.dtype)
-        _forward(io, prefix[:, :n_nodes], cache, need_features=True,
-                 attention_mask=mask[None, None], position_ids=positions[None])
-        for layer in cache.layers:  # drop the tree again, as the engine's compaction would
-            layer.keys, layer.values = layer.keys[:, :, :prefix_len], layer.values[:, :, :prefix_len]
+    drafter.extend(timer.prefix[0, :-1], timer.features[:-1], int(timer.prefix[0, -1]))
 
     costs = {}
     for n, tree in tqdm(sorted(trees.items()), desc="timing trees", unit="tree"):
         if n:
             drafter.set_tree(tree)
-        draft = _median_time(drafter.propose, device, rounds) if n else 0.0
-        costs[n] = {"draft_s": draft, "verify_s": _median_time(lambda: verify(n + 1), device, rounds)}
+        draft = median_seconds(drafter.propose, timer.io.input_device, rounds) if n else 0.0
+        costs[n] = {"draft_s": draft, "verify_s": timer.seconds(n + 1, rounds)}
     return costs
 
 
