@@ -32,7 +32,6 @@ import torch
 from tqdm import tqdm
 
 from . import ops
-from .cdt import TreePlan
 from .generate import TargetIO, _forward, _target_io
 
 SIZES = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
