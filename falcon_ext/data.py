@@ -1,17 +1,28 @@
 """Training data for Falcon drafters: token sequences plus the target's features, on disk.
 
-Two sources of sequences:
+Sources of sequences:
 - teacher forcing: fixed text (plain .txt, JSONL ``text`` fields) is tokenised and run through the
   target; each document becomes one or more sequences of at most ``max_len`` tokens.
-- self-distillation: the target answers prompts itself (batched sampling; the chat template is
-  applied when the tokenizer has one), then the prompt + answer is run through the target.
+- teacher forcing on conversations (``source``: "sharegpt" or a conversation file, see
+  falcon_ext.conversations): each whole conversation through the chat template, trained only on
+  the assistant's tokens.
+- self-distillation: the target answers prompts itself (batched; the chat template is applied when
+  the tokenizer has one), then the prompt + answer is run through the target. With a conversation
+  ``source`` the prompts are the conversations' first user turns.
+
+A conversation source is shuffled for the seed and split by conversation: the first
+``holdout_conversations`` form the ``heldout`` split, the rest ``train``; conversations whose first
+turn overlaps an evaluation prompt (MT-Bench, Spec-Bench, GSM8K-test, ``exclude`` files) are removed
+first. ``max_tokens`` stops after the first shard that reaches the budget.
 
 Storage: ``<out>/data.json`` (what produced the data) and ``<out>/shard_00000.safetensors`` ...,
 each holding
     tokens      int32  [n_tok]      all sequences of the shard, concatenated
     features    fp16   [n_tok, H]   the target's last hidden state (after the final norm)
     offsets     int64  [n_seq + 1]  sequence j is tokens[offsets[j]:offsets[j+1]]
-    prompt_lens int32  [n_seq]      leading tokens that are prompt (0 for teacher forcing)
+    prompt_lens int32  [n_seq]      tokens before the first trained one (0 for plain teacher forcing)
+    loss_mask   uint8  [n_tok]      1 where the token is a training target (format 2; format 1
+                                    shards mean: every token from prompt_lens on)
 Nothing vocabulary-sized is stored: the distillation targets p = softmax(lm_head(f)) are
 recomputed at training time from the stored features through the frozen shared LM head, so a
 token costs 4 + 2·H bytes (H = 64: 132 B; H = 576: 1156 B). Shards are written atomically and a
@@ -20,6 +31,7 @@ resumes by skipping the shards that exist.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -30,7 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PROMPT_KEYS = ("turns", "question", "prompt", "instruction", "text")
 
 
@@ -51,10 +63,21 @@ class DataConfig:
     limit: int = 0  # use only the first `limit` prompts / documents (0 = all; without sources: samples)
     feature_dtype: str = "float16"
     seed: int = 0
+    source: str = ""  # "sharegpt" or a JSON/JSONL conversation file (instead of, or beside, sources)
+    split: str = "train"  # with a conversation source: train | heldout
+    holdout_conversations: int = 256
+    exclude: list[str] = field(default_factory=list)  # prompt files whose prompts must stay out of training
+    english_only: bool = True
+    max_tokens: int = 0  # stop after the shard that reaches this many stored tokens (0 = no budget)
+    dtype: str = "float32"  # the target's dtype while making the data
 
     def __post_init__(self):
         if self.mode not in ("self_distill", "teacher_forcing"):
             raise ValueError(f"mode must be 'self_distill' or 'teacher_forcing', got {self.mode!r}")
+        if self.split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {self.split!r}")
+        if self.source and self.sources:
+            raise ValueError("give either a conversation --source or --data files, not both")
         if self.feature_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"feature_dtype must be float16, bfloat16 or float32, got {self.feature_dtype!r}")
         for name in ("shard_size", "batch_size", "max_len"):
@@ -207,27 +230,75 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | 
     os.replace(tmp, path)
 
 
-def pack_shard(seqs: list[list[int]], prompt_lens: list[int], feats: list[torch.Tensor], dtype: torch.dtype):
+def pack_shard(seqs: list[list[int]], loss_masks: list[list[int]], feats: list[torch.Tensor], dtype: torch.dtype):
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    # The first trained token; a sequence with none counts as all prompt.
+    prompt_lens = [next((i for i, m in enumerate(mask) if m), len(mask)) for mask in loss_masks]
     return {
         "tokens": torch.tensor([t for s in seqs for t in s], dtype=torch.int32),
         "features": torch.cat(feats).to(dtype).contiguous(),
         "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
         "prompt_lens": torch.tensor(prompt_lens, dtype=torch.int32),
+        "loss_mask": torch.tensor([m for mask in loss_masks for m in mask], dtype=torch.uint8),
     }
 
 
 def _check_resume(out_dir: Path, config: DataConfig) -> None:
+    """A rerun must make the same data. The token budget only decides how many shards there are
+    (each shard's content does not depend on it), so a rerun with a larger budget grows the data."""
     meta = out_dir / "data.json"
     if meta.exists():
-        saved = json.loads(meta.read_text())["config"]
-        if saved != asdict(config):
+        saved = {**DataConfig("", "self_distill", []).__dict__, **json.loads(meta.read_text())["config"]}
+        now = asdict(config)
+        saved.pop("max_tokens"), now.pop("max_tokens")
+        if saved != now:
             raise ValueError(f"{meta} was written with a different configuration; use a new folder.\n"
-                             f"saved: {saved}\nnow:   {asdict(config)}")
+                             f"saved: {saved}\nnow:   {now}")
 
 
-def _work_items(tokenizer, config: DataConfig) -> list[tuple[list[int], int]]:
-    """(token ids, prompt length) per sequence-to-be, in a fixed order."""
+@dataclass
+class Item:
+    """One sequence to be: its token ids and which of them are training targets. For
+    self-distillation ``ids`` is the prompt and the answer's tokens are the targets."""
+
+    ids: list[int]
+    loss_mask: list[int]
+
+
+def _conversation_items(tokenizer, config: DataConfig) -> tuple[list[Item], dict]:
+    from . import conversations as conv
+
+    found, report = conv.read_conversations(config.source)
+    kept = conv.filter_conversations(found, report, conv.eval_prompt_keys(config.exclude), config.english_only)
+    order = conv.shuffled(kept, config.seed)
+    cut = min(config.holdout_conversations, len(order) // 4)
+    chosen = order[:cut] if config.split == "heldout" else order[cut:]
+    chosen = chosen[: config.limit] if config.limit else chosen
+    items, skipped = [], 0
+    for c in chosen:
+        if config.mode == "self_distill":
+            ids = encode_prompt(tokenizer, c.first_user_turn())[: config.max_len - 1]
+            items.append(Item(ids, [0] * len(ids)))
+            continue
+        encoded = conv.tokenize_conversation(tokenizer, c, config.max_len)
+        if encoded is None or sum(encoded[1]) == 0:
+            skipped += 1
+            continue
+        items.append(Item(*encoded))
+    summary = {**dataclasses.asdict(report), "split": config.split, "split_conversations": len(chosen),
+               "skipped_no_answer_in_window": skipped}
+    summary["excluded_ids"] = summary["excluded_ids"][:50]
+    print(f"{config.source}: recovered {report.conversations} conversations from {report.records} records; "
+          f"removed {report.dropped_eval_overlap} overlapping an evaluation prompt ({report.eval_prompts_checked} "
+          f"checked), {report.dropped_non_english} not English, {report.dropped_malformed} malformed; "
+          f"{config.split} split: {len(chosen)} conversations")
+    return items, summary
+
+
+def _work_items(tokenizer, config: DataConfig) -> tuple[list[Item], dict]:
+    """The sequences-to-be in a fixed order, and what the source reading kept and dropped."""
+    if config.source:
+        return _conversation_items(tokenizer, config)
     if config.mode == "self_distill":
         # No sources: `limit` unconditional samples (the prompt is just what encoding "" gives, e.g. BOS).
         prompts = load_prompts(config.sources) if config.sources else [""] * config.limit
@@ -235,31 +306,52 @@ def _work_items(tokenizer, config: DataConfig) -> list[tuple[list[int], int]]:
         items = []
         for p in prompts:
             ids = encode_prompt(tokenizer, p)[: config.max_len - 1]
-            items.append((ids, len(ids)))
-        return items
+            items.append(Item(ids, [0] * len(ids)))
+        return items, {}
     texts = load_texts(config.sources)
     texts = texts[: config.limit] if config.limit else texts
     items = []
     for text in texts:
         ids = tokenizer(text).input_ids
-        items.extend((ids[i: i + config.max_len], 0) for i in range(0, len(ids) - 1, config.max_len))
-    return [(ids, n) for ids, n in items if len(ids) >= 2]
+        items.extend(Item(ids[i: i + config.max_len], [1] * len(ids[i: i + config.max_len]))
+                     for i in range(0, len(ids) - 1, config.max_len))
+    return [it for it in items if len(it.ids) >= 2], {}
 
 
-def build_shard(model, items: list[tuple[list[int], int]], config: DataConfig, seed: int, stops: list[int]):
+def build_shard(model, items: list[Item], config: DataConfig, seed: int, stops: list[int], progress=None):
+    """One shard's tensors; ``progress(n)`` is called with the tokens of each finished batch."""
     torch.manual_seed(seed)
-    seqs, prompt_lens = [], []
+    seqs, masks = [], []
     for start in range(0, len(items), config.batch_size):
         batch = items[start: start + config.batch_size]
         if config.mode == "self_distill":
-            seqs.extend(answer_prompts(model, [ids for ids, _ in batch], config, stops))
+            for item, full in zip(batch, answer_prompts(model, [it.ids for it in batch], config, stops)):
+                seqs.append(full)
+                masks.append(item.loss_mask + [1] * (len(full) - len(item.ids)))
         else:
-            seqs.extend(ids for ids, _ in batch)
-        prompt_lens.extend(n for _, n in batch)
+            seqs.extend(it.ids for it in batch)
+            masks.extend(it.loss_mask for it in batch)
     feats = []
     for start in range(0, len(seqs), config.batch_size):
-        feats.extend(target_features(model, seqs[start: start + config.batch_size]))
-    return pack_shard(seqs, prompt_lens, feats, getattr(torch, config.feature_dtype))
+        chunk = seqs[start: start + config.batch_size]
+        feats.extend(target_features(model, chunk))
+        if progress:
+            progress(sum(len(s) for s in chunk))
+    return pack_shard(seqs, masks, feats, getattr(torch, config.feature_dtype))
+
+
+def shard_tokens(path: Path) -> int:
+    """Stored tokens of a finished shard, read from its offsets alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return int(f.get_tensor("offsets")[-1])
+
+
+def _write_meta(out_dir: Path, meta: dict) -> None:
+    tmp = out_dir / "data.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out_dir / "data.json")
 
 
 def prepare_data(model, tokenizer, config: DataConfig, out_dir: str | Path) -> Path:
@@ -267,20 +359,35 @@ def prepare_data(model, tokenizer, config: DataConfig, out_dir: str | Path) -> P
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_resume(out_dir, config)
-    items = _work_items(tokenizer, config)
+    items, corpus = _work_items(tokenizer, config)
     if not items:
-        raise ValueError(f"no prompts or text found in {config.sources}")
+        raise ValueError(f"no prompts or text found in {config.source or config.sources}")
     stops = stop_ids(model, config) if config.mode == "self_distill" else []
     n_shards = (len(items) + config.shard_size - 1) // config.shard_size
     meta = {"format": FORMAT_VERSION, "config": asdict(config), "num_shards": n_shards,
-            "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size}
-    (out_dir / "data.json").write_text(json.dumps(meta, indent=1))
-    for index in tqdm(range(n_shards), desc="shards", unit="shard"):
+            "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size, "corpus": corpus}
+    _write_meta(out_dir, meta)
+    planned = sum(len(it.ids) for it in items) if config.mode == "teacher_forcing" else None
+    totals = [t for t in (config.max_tokens, planned) if t]
+    bar = tqdm(total=min(totals) if totals else None, desc="tokens", unit="tok", unit_scale=True, smoothing=0.1)
+    stored = 0
+    for index in range(n_shards):
         path = shard_path(out_dir, index)
         if path.exists():
-            continue
-        chunk = items[index * config.shard_size: (index + 1) * config.shard_size]
-        _save_atomic(build_shard(model, chunk, config, config.seed + index, stops), path)
+            done = shard_tokens(path)
+            bar.update(done)
+        else:
+            chunk = items[index * config.shard_size: (index + 1) * config.shard_size]
+            tensors = build_shard(model, chunk, config, config.seed + index, stops, progress=bar.update)
+            _save_atomic(tensors, path)
+            done = int(tensors["offsets"][-1])
+        stored += done
+        if config.max_tokens and stored >= config.max_tokens:
+            meta["num_shards"] = index + 1  # the budget is reached: later shards are not part of this data
+            break
+    bar.close()
+    meta["tokens"] = stored
+    _write_meta(out_dir, meta)
     return out_dir
 
 
@@ -289,11 +396,22 @@ def prepare_data(model, tokenizer, config: DataConfig, out_dir: str | Path) -> P
 @dataclass
 class Sequences:
     """All sequences of a data folder, in memory: tokens [L_j] int64, features [L_j, H] (stored
-    dtype), and how many leading tokens of each are prompt."""
+    dtype), how many leading tokens of each are prompt, and which tokens are training targets
+    (bool [L_j])."""
 
     tokens: list[torch.Tensor]
     features: list[torch.Tensor]
     prompt_lens: list[int]
+    loss_masks: list[torch.Tensor] = field(default_factory=list)
+
+    def part(self, lo: int, hi: int) -> "Sequences":
+        return Sequences(self.tokens[lo:hi], self.features[lo:hi], self.prompt_lens[lo:hi], self.loss_masks[lo:hi])
+
+    def extend(self, other: "Sequences") -> None:
+        self.tokens += other.tokens
+        self.features += other.features
+        self.prompt_lens += other.prompt_lens
+        self.loss_masks += other.loss_masks
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -326,6 +444,10 @@ def read_data(data_dir: str | Path, allow_partial: bool = False) -> tuple[dict, 
             seqs.tokens.append(shard["tokens"][lo:hi].long())
             seqs.features.append(shard["features"][lo:hi])
             seqs.prompt_lens.append(int(shard["prompt_lens"][j]))
+            if "loss_mask" in shard:
+                seqs.loss_masks.append(shard["loss_mask"][lo:hi].bool())
+            else:  # format 1: every token after the prompt
+                seqs.loss_masks.append(torch.arange(hi - lo) >= seqs.prompt_lens[-1])
     if not seqs.tokens:
         raise ValueError(f"{data_dir} has no finished shard yet")
     return meta, seqs

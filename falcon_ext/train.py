@@ -66,6 +66,8 @@ class TrainConfig:
     kl_alpha: float = 0.9
     loss_on_prompt: bool = False
     distill_vocab: str = "full"  # full | data: the LM head rows the losses use (see falcon.DraftHead)
+    draft_vocab_size: int = 0  # with distill_vocab=data: only the N most frequent target tokens (0 = all)
+    amp: str = "none"  # none | bfloat16: autocast of the drafter's forward and the LM head
     num_heads: int = 0  # 0: the drafter's default for the target
     intermediate_size: int = 0
     dtype: str = "float32"
@@ -90,6 +92,10 @@ class TrainConfig:
             raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.distill_vocab not in ("full", "data"):
             raise ValueError(f"distill_vocab must be full or data, got {self.distill_vocab!r}")
+        if self.amp not in ("none", "bfloat16"):
+            raise ValueError(f"amp must be none or bfloat16, got {self.amp!r}")
+        if self.draft_vocab_size < 0 or (self.draft_vocab_size and self.distill_vocab != "data"):
+            raise ValueError("draft_vocab_size needs distill_vocab='data' and must be >= 0")
         if self.glance_span not in ("random", "first", "last"):
             raise ValueError(f"glance_span must be random, first or last, got {self.glance_span!r}")
         if self.k < 1 or self.batch_size < 1 or self.seq_len <= self.k + 1:
@@ -134,8 +140,7 @@ def make_batch(seqs: Sequences, index: list[int], seq_len: int, loss_on_prompt: 
         feats[row, :n] = seqs.features[j][start: start + n].float()
         toks[row, :n] = seqs.tokens[j][start: start + n]
         valid[row, :n] = True
-        first_target = 0 if loss_on_prompt else max(seqs.prompt_lens[j] - start, 0)
-        target_ok[row, first_target:n] = True
+        target_ok[row, :n] = True if loss_on_prompt else seqs.loss_masks[j][start: start + n]
     return Batch(feats, toks, valid, target_ok)
 
 
@@ -149,12 +154,20 @@ class StepLosses:
     ce: float
     correct: torch.Tensor  # [k] correct drafted tokens per block position
     count: torch.Tensor  # [k] positions per block position
+    agree: torch.Tensor  # [k] drafted tokens equal to the target's argmax (what the engine accepts)
     first_correct: torch.Tensor | None = None  # CSGD: the first (true-input) pass's counts
 
 
-def data_vocab(seqs: Sequences) -> torch.Tensor:
-    """Sorted ids of every token in the sequences (the ``distill_vocab="data"`` head rows)."""
-    return torch.unique(torch.cat([t.long() for t in seqs.tokens]))
+def data_vocab(seqs: Sequences, size: int = 0) -> tuple[torch.Tensor, float]:
+    """The ``distill_vocab="data"`` head rows: sorted ids of the tokens in the sequences, or with
+    ``size`` only the ``size`` most frequent training-target tokens (FR-Spec's frequency-ranked
+    draft vocabulary), and the share of training-target tokens those ids cover."""
+    if not size:
+        return torch.unique(torch.cat([t.long() for t in seqs.tokens])), 1.0
+    targets = torch.cat([t.long()[m] for t, m in zip(seqs.tokens, seqs.loss_masks)])
+    counts = torch.bincount(targets)
+    top = counts.argsort(descending=True, stable=True)[: min(size, int((counts > 0).sum()))]
+    return top.sort().values, float(counts[top].sum()) / max(targets.numel(), 1)
 
 
 def distill_loss(head: DraftHead, pred, batch: Batch, offset: int, cfg: TrainConfig) -> StepLosses:
@@ -177,11 +190,14 @@ def distill_loss(head: DraftHead, pred, batch: Batch, offset: int, cfg: TrainCon
     ce = (F.nll_loss(draft_logp.transpose(1, 2), true_t, reduction="none") * mask).sum() / denom
     loss = reg + cfg.w_dist * (cfg.kl_alpha * kl + (1 - cfg.kl_alpha) * ce)
     with torch.no_grad():
-        hit = (draft_logp.argmax(-1) == true_t).float() * mask
-        slot = (torch.arange(n, device=hit.device) - offset) % k
-        correct = torch.stack([hit[:, slot == j].sum() for j in range(k)])
-        count = torch.stack([mask[:, slot == j].sum() for j in range(k)])
-    return StepLosses(loss, reg.item(), kl.item(), ce.item(), correct, count)
+        drafted = draft_logp.argmax(-1)
+        slot = (torch.arange(n, device=mask.device) - offset) % k
+        per_slot = lambda x: torch.stack([x[:, slot == j].sum() for j in range(k)])  # noqa: E731
+        # On text the target did not write the data token is often not the target's choice:
+        # agreement with the target's argmax is what the engine's greedy verification accepts.
+        correct = per_slot((drafted == true_t).float() * mask)
+        agree = per_slot((drafted == target_logp.argmax(-1)).float() * mask)
+    return StepLosses(loss, reg.item(), kl.item(), ce.item(), correct, per_slot(mask), agree)
 
 
 def glance_inputs(head: DraftHead, pred1, batch: Batch, lam: float, span: str, k: int, gen: torch.Generator):
@@ -225,6 +241,14 @@ def noisy(features: torch.Tensor, amount: float, gen: torch.Generator) -> torch.
 
 def train_step(drafter, head: DraftHead, batch: Batch, cfg: TrainConfig, lam: float,
                gen: torch.Generator) -> StepLosses:
+    # bf16 autocast runs the LSTM, attention, MLP and LM-head matmuls in bf16 (AMX / AVX512-BF16 on
+    # CPU, tensor cores on GPU); the losses upcast to fp32 (distill_loss) and the weights stay fp32.
+    with torch.autocast(batch.tokens.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bfloat16"):
+        return _train_step(drafter, head, batch, cfg, lam, gen)
+
+
+def _train_step(drafter, head: DraftHead, batch: Batch, cfg: TrainConfig, lam: float,
+                gen: torch.Generator) -> StepLosses:
     T = batch.tokens.shape[1] - 1
     offset = int(torch.randint(0, cfg.k, (1,), generator=gen))
     feats, toks = batch.features[:, :T], batch.tokens[:, 1: T + 1]
@@ -311,8 +335,7 @@ def split_data(seqs: Sequences, held_out: int) -> tuple[Sequences, Sequences]:
     """The last ``held_out`` sequences are kept for evaluation (at most a quarter of the data)."""
     held_out = min(held_out, len(seqs) // 4)
     cut = len(seqs) - held_out
-    part = lambda lo, hi: Sequences(seqs.tokens[lo:hi], seqs.features[lo:hi], seqs.prompt_lens[lo:hi])  # noqa: E731
-    return part(0, cut), part(cut, len(seqs))
+    return seqs.part(0, cut), seqs.part(cut, len(seqs))
 
 
 def read_all(folders: list[str], allow_partial: bool) -> tuple[list[dict], Sequences]:
@@ -320,10 +343,21 @@ def read_all(folders: list[str], allow_partial: bool) -> tuple[list[dict], Seque
     for folder in folders:
         meta, part = read_data(folder, allow_partial=allow_partial)
         metas.append({"folder": Path(folder).name, "shards_read": meta["shards_read"], **meta["config"]})
-        seqs.tokens += part.tokens
-        seqs.features += part.features
-        seqs.prompt_lens += part.prompt_lens
+        seqs.extend(part)
     return metas, seqs
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """Sequences of a step: each epoch is a fresh permutation (a function of the seed and the epoch,
+    so a resumed run continues it), and every sequence is seen once per epoch. So the checkpoint
+    after D tokens of the first epoch is a drafter trained on D distinct tokens."""
+    first = step * batch_size
+    index = []
+    for pos in range(first, first + batch_size):
+        epoch, at = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        index.append(int(perm[at]))
+    return index
 
 
 def build_drafter(cfg: TrainConfig, model) -> FalconDrafter:
@@ -357,17 +391,20 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> FalconDrafter:
         init.set_draft_vocab(None)  # the weights only: the vocabulary follows this run's data
         drafter.load_state_dict(init.state_dict())
     # What the losses rank the drafter on is what it will propose from.
-    drafter.set_draft_vocab(data_vocab(train_seqs) if cfg.distill_vocab == "data" else None)
+    vocab, coverage = data_vocab(train_seqs, cfg.draft_vocab_size) if cfg.distill_vocab == "data" else (None, 1.0)
+    drafter.set_draft_vocab(vocab)
     head = drafter.draft_head()
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, history = load_checkpoint(out, drafter, opt, gen)
+    history.setdefault("draft_vocab", {"size": 0 if vocab is None else vocab.numel(),
+                                       "target_token_coverage": round(coverage, 4)})
     log = open(out / "train_log.jsonl", "a")
     bar = tqdm(total=total, initial=step, desc="train", unit="step")
     window = _Window(cfg.k)
     t0 = time.time()
     while step < total:
-        index = torch.randint(0, len(train_seqs), (cfg.batch_size,), generator=gen).tolist()
+        index = batch_indices(step, len(train_seqs), cfg.batch_size, cfg.seed)
         batch = make_batch(train_seqs, index, cfg.seq_len + 1, cfg.loss_on_prompt, gen).to(cfg.device)
         lr, lam = lr_at(step, total, cfg), glance_lambda(step, total, cfg)
         for group in opt.param_groups:
@@ -382,7 +419,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> FalconDrafter:
         window.add(losses)
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:
-            record = {"step": step, "lr": lr, "lambda": lam, **window.summary(), "seconds": round(time.time() - t0, 1)}
+            record = {"step": step, "sequences_seen": step * cfg.batch_size, "lr": lr, "lambda": lam,
+                      **window.summary(), "seconds": round(time.time() - t0, 1)}
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=record["acc"])
@@ -420,12 +458,14 @@ class _Window:
     def __init__(self, k: int):
         self.n, self.loss, self.reg, self.kl, self.ce = 0, 0.0, 0.0, 0.0, 0.0
         self.correct, self.count, self.first_correct = torch.zeros(k), torch.zeros(k), torch.zeros(k)
+        self.agree, self.tokens = torch.zeros(k), 0
 
     def add(self, s: StepLosses) -> None:
         self.n += 1
         self.loss += s.loss.item()
         self.reg, self.kl, self.ce = self.reg + s.reg, self.kl + s.kl, self.ce + s.ce
         self.correct += s.correct.cpu()
+        self.agree += s.agree.cpu()
         self.count += s.count.cpu()
         self.first_correct += (s.correct if s.first_correct is None else s.first_correct).cpu()
 
@@ -434,8 +474,9 @@ class _Window:
         rate = lambda c: [round(a, 4) for a in (c / self.count.clamp(min=1)).tolist()]  # noqa: E731
         # acc: token accuracy per block position of the loss pass (CSGD: the glancing pass);
         # acc_true_inputs: of the pass on true inputs (what plain training optimises).
+        # acc_target: agreement with the target's argmax (equals acc on self-distilled greedy data).
         return {"loss": self.loss / n, "reg": self.reg / n, "kl": self.kl / n, "ce": self.ce / n,
-                "acc": rate(self.correct), "acc_true_inputs": rate(self.first_correct)}
+                "acc": rate(self.correct), "acc_true_inputs": rate(self.first_correct), "acc_target": rate(self.agree)}
 
 
 def _check_same_config(out: Path, cfg: TrainConfig) -> None:
@@ -461,7 +502,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, nargs="+", help="folder(s) written by `falcon-ext prepare-data`")
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     for name in ("k", "steps", "batch_size", "seq_len", "warmup_steps", "num_heads", "intermediate_size",
-                 "seed", "threads", "save_every", "log_every", "keep_checkpoints", "eval_sequences", "eval_passes"):
+                 "seed", "threads", "save_every", "draft_vocab_size", "log_every", "keep_checkpoints", "eval_sequences", "eval_passes"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("epochs", "lr", "weight_decay", "min_lr_ratio", "grad_clip", "glance_lambda",
                  "first_pass_weight", "feature_noise", "w_dist", "kl_alpha"):
@@ -471,6 +512,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-vocab", choices=["full", "data"], default=d.distill_vocab,
                    help="LM head rows for the losses: all, or the token ids in the training data (much faster "
                         "on a large vocabulary)")
+    p.add_argument("--amp", choices=["none", "bfloat16"], default=d.amp,
+                   help="bfloat16: autocast the forward (fp32 weights and losses)")
     p.add_argument("--glance-span", choices=["random", "first", "last"], default=d.glance_span)
     p.add_argument("--plain", dest="csgd", action="store_false", help="plain distillation (no glancing pass)")
     p.add_argument("--loss-on-prompt", action="store_true")

@@ -167,7 +167,7 @@ def test_distill_loss_over_data_vocab_renormalises_over_the_subset():
     batch.tokens %= 4  # the data uses ids 0..3 only
     weight, pred = torch.randn(V, H), torch.randn(B, T, H)
     cfg = ftrain.TrainConfig("t", "d", "o", k=k, seq_len=16)
-    vocab = ftrain.data_vocab(ftrain.Sequences(list(batch.tokens), [], []))
+    vocab, _ = ftrain.data_vocab(ftrain.Sequences(list(batch.tokens), [], []))
     assert vocab.tolist() == [0, 1, 2, 3]
     got = ftrain.distill_loss(DraftHead(weight, vocab=vocab), pred, batch, 0, cfg)
     # Reference: the full-vocabulary loss with the head cut to rows 0..3 by hand.
