@@ -410,6 +410,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> FalconDrafter:
         for group in opt.param_groups:
             group["lr"] = lr
         drafter.train()
+        # Tokens of data seen so far (real positions): the x axis of a one-pass scaling curve.
+        history["tokens_seen"] = history.get("tokens_seen", 0) + int(batch.valid.sum())
         losses = train_step(drafter, head, batch, cfg, lam, gen)
         opt.zero_grad(set_to_none=True)
         losses.loss.backward()
@@ -419,7 +421,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> FalconDrafter:
         window.add(losses)
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:
-            record = {"step": step, "sequences_seen": step * cfg.batch_size, "lr": lr, "lambda": lam,
+            record = {"step": step, "tokens_seen": history["tokens_seen"], "lr": lr, "lambda": lam,
                       **window.summary(), "seconds": round(time.time() - t0, 1)}
             log.write(json.dumps(record) + "\n")
             log.flush()

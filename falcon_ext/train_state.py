@@ -64,7 +64,8 @@ def save_checkpoint(out: Path, drafter, opt, step: int, gen: torch.Generator, hi
     (out / "latest.json.tmp").write_text(json.dumps({"checkpoint": final.name, "step": step}))
     os.replace(out / "latest.json.tmp", latest)
     # Names sort by step, then revision: the newest, which latest.json names, sorts last.
-    for old in sorted(ckpts.glob("step_*"))[:-keep]:
+    # keep = 0 keeps every checkpoint (a scaling curve measures each of them).
+    for old in sorted(ckpts.glob("step_*"))[:-keep] if keep else []:
         shutil.rmtree(old)
 
 

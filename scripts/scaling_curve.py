@@ -1,0 +1,136 @@
+"""The data-scaling curve of a one-pass drafter training run (docs/training.md §5).
+
+`falcon-ext train` visits every training sequence once per epoch (train.batch_indices), so its
+checkpoint after step s of the first epoch is a drafter trained on the s·batch·seq_len tokens it
+has seen, no more. This script measures each kept checkpoint (and the drafter the run started
+from, if --init) on:
+- held-out chain acceptance: the top-1 chain of --passes drafter passes against the target's own
+  greedy answers to held-out conversations (a `prepare-data --split heldout --mode self_distill
+  --temperature 0` folder), so it is the engine's greedy chain acceptance, bonus token included;
+- engine τ: `speculative_generate` mean accepted tokens, greedy, with the --tree-size node tree
+  measured for --tree-from, on the MT-Bench first turns and GSM8K-test questions (chat template).
+
+Results go to <run>/scaling.jsonl, one line per (checkpoint, measurement), so an interrupted run
+resumes; then a Markdown table and <run>/scaling.png.
+
+  python scripts/scaling_curve.py --run runs/sg_k2 --heldout runs/sg_heldout --dtype bfloat16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from falcon_ext import prompts
+from falcon_ext.evaluate import load_drafter, mean_accepted_tokens, measured_tree
+from falcon_ext.checkpoint import drafter_dir
+from falcon_ext.data import read_data
+from falcon_ext.targets import load_target, parse_dtype
+from falcon_ext.train import chain_acceptance
+
+
+def checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """(tokens seen, folder) of the init drafter and every kept checkpoint, in training order."""
+    cfg = json.loads((run / "train_config.json").read_text())
+    found = [(0, drafter_dir(cfg["init"]))] if cfg.get("init") else []
+    for folder in sorted((run / "checkpoints").glob("step_*")):
+        found.append((json.loads((folder / "state.json").read_text())["history"]["tokens_seen"], folder))
+    return found
+
+
+def prompt_ids(tokenizer, name: str, count: int) -> list[list[int]]:
+    chosen = prompts.load_prompt_set(name)[:count]
+    return [prompts.encode(tokenizer, p.text, True, None)[0][0].tolist() for p in chosen]
+
+
+def done(path: Path) -> set[tuple[str, str]]:
+    if not path.exists():
+        return set()
+    return {(r["checkpoint"], r["measure"]) for r in map(json.loads, path.read_text().splitlines())}
+
+
+def measure(args) -> None:
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_target(args.target, parse_dtype(args.dtype))
+    heldout = read_data(args.heldout)[1]
+    tree = measured_tree(drafter_dir(args.tree_from), args.tree_size)
+    sets = {name: prompt_ids(tokenizer, name, args.prompts) for name in ("mt-bench", "gsm8k")}
+    out = args.run / "scaling.jsonl"
+    for tokens, folder in checkpoints(args.run):
+        for measure_name in ("chain", *sets):
+            if (folder.name, measure_name) in done(out):
+                continue
+            drafter = load_drafter(str(folder), model).eval()
+            start = time.time()
+            if measure_name == "chain":
+                value = chain_acceptance(drafter, heldout, args.passes)
+                extra = {"sequences": len(heldout), "passes": args.passes}
+            else:
+                drafter.set_tree(tree)
+                result = mean_accepted_tokens(model, drafter, sets[measure_name], args.max_new_tokens)
+                value, extra = result["mean_accepted_tokens"], result
+            record = {"checkpoint": folder.name, "tokens_seen": tokens, "measure": measure_name, "value": value,
+                      "dtype": args.dtype, "tree_size": args.tree_size, "seconds": round(time.time() - start, 1),
+                      **{k: v for k, v in extra.items() if k != "mean_accepted_tokens"}}
+            with open(out, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(json.dumps(record), flush=True)
+
+
+def report(run: Path) -> None:
+    rows: dict[int, dict] = {}
+    for r in map(json.loads, (run / "scaling.jsonl").read_text().splitlines()):
+        rows.setdefault(r["tokens_seen"], {})[r["measure"]] = r["value"]
+    print("| tokens seen | held-out chain acceptance | τ MT-Bench | τ GSM8K-test |")
+    print("|---:|---:|---:|---:|")
+    for tokens in sorted(rows):
+        cells = [rows[tokens].get(m) for m in ("chain", "mt-bench", "gsm8k")]
+        print(f"| {tokens / 1e6:.2f}M | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for measure_name, label in (("chain", "held-out chain acceptance"), ("mt-bench", "τ MT-Bench"),
+                                ("gsm8k", "τ GSM8K-test")):
+        points = sorted((t, v[measure_name]) for t, v in rows.items() if measure_name in v and t > 0)
+        if points:
+            ax.plot([p[0] / 1e6 for p in points], [p[1] for p in points], marker="o", label=label)
+        if 0 in rows and measure_name in rows[0]:
+            ax.axhline(rows[0][measure_name], linestyle=":", color=ax.lines[-1].get_color() if points else "grey")
+    ax.set_xscale("log")
+    ax.set_xlabel("ShareGPT tokens seen (millions, one pass)")
+    ax.set_ylabel("mean accepted tokens per step")
+    ax.set_title("SmolLM2-135M-Instruct Falcon drafter (dotted: start)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run / "scaling.png", dpi=120)
+    print(f"plot: {run / 'scaling.png'}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="a `falcon-ext train` output folder")
+    p.add_argument("--heldout", required=True, help="data folder of greedy answers to held-out conversations")
+    p.add_argument("--target", default="SmolLM2-135M-Instruct")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--tree-from", default="SmolLM2-135M-Instruct", help="drafter whose cdt_measurement.json gives the tree")
+    p.add_argument("--tree-size", type=int, default=24)
+    p.add_argument("--prompts", type=int, default=80, help="first N of MT-Bench and of GSM8K-test")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--passes", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    if not args.report_only:
+        measure(args)
+    report(args.run)
+
+
+if __name__ == "__main__":
+    main()

