@@ -271,6 +271,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_dr
   const DraftStepDims d = check_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps);
   const int64_t B = d.B, k = d.k, H = d.H, R = B * k;
   const c10::cuda::CUDAGuard guard(x.device());
+  // Shared memory of the attention kernel, which grows with k. Only attention needs it:
+  // encode_only settles a whole prompt in one call (k = its length, thousands of positions).
+  const int64_t smem = (2 * k * d.head_dim + k * kChunk + 3 * k) * int64_t(sizeof(float));
+  if (!encode_only) {
+    int device_smem = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&device_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device()));
+    TORCH_CHECK(smem <= device_smem, "falcon_draft_step: head_dim ", d.head_dim, " with k ", k, " needs ", smem,
+                " bytes of shared memory, the device allows ", device_smem, "; use more heads or a smaller k");
+  }
+
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto dtype = x.scalar_type();
   const auto f32 = x.options().dtype(at::kFloat);
@@ -286,12 +296,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_dr
   at::Tensor scale = at::empty({R}, f32), qkv = at::empty({R, 3 * H}, f32), attn = at::empty({R, H}, f32);
   at::Tensor resid = at::empty({R, H}, f32), up = at::empty({R, d.M}, f32), out = at::empty({R, H}, f32);
   at::Tensor blk_k, blk_v;
-
-  const int64_t smem = (2 * k * d.head_dim + k * kChunk + 3 * k) * int64_t(sizeof(float));
-  int device_smem = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&device_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device()));
-  TORCH_CHECK(smem <= device_smem, "falcon_draft_step: head_dim ", d.head_dim, " with k ", k, " needs ", smem,
-              " bytes of shared memory, the device allows ", device_smem, "; use more heads");
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "falcon_draft_step_cuda", [&] {
     using w_t = scalar_t;

@@ -9,6 +9,10 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <cstdint>
+#include <utility>
+#include <vector>
+
 #include "ops.h"
 
 namespace falcon_ext {
@@ -31,11 +35,27 @@ void check_kv_compact_args(at::TensorList kv, const at::Tensor& path, int64_t ds
     TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "kv[", i,
                 "] has elements sharing memory (e.g. an expanded view); compaction needs distinct slots");
   }
+  // Two entries over the same memory would have shared slots moved twice (on CUDA, by racing
+  // blocks). Comparing the byte ranges the views span is cheap and catches every such case; it
+  // also refuses disjoint views whose ranges interleave, which no KV cache layout needs.
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans(kv.size(), {0, 0});  // [first, last) bytes
+  for (size_t i = 0; i < kv.size(); ++i) {
+    const at::Tensor& t = kv[i];
+    if (t.numel() == 0) continue;
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const auto first = reinterpret_cast<uintptr_t>(t.data_ptr());
+    spans[i] = {first, first + static_cast<uintptr_t>(last + 1) * t.element_size()};
+  }
+  for (size_t i = 0; i < kv.size(); ++i) {
+    for (size_t j = 0; j < i; ++j) {
+      TORCH_CHECK(spans[i].first >= spans[j].second || spans[j].first >= spans[i].second, "kv[", j, "] and kv[", i,
+                  "] share memory; every cache tensor must have its own (compaction would move shared slots twice)");
+    }
+  }
 }
 
-namespace {
-
-void check_path_values_cpu(at::TensorList kv, const at::Tensor& path, int64_t dst_start) {
+void check_kv_path_cpu(at::TensorList kv, const at::Tensor& path, int64_t dst_start) {
   const auto p = path.accessor<int64_t, 1>();
   TORCH_CHECK(p[0] == 0, "path[0] must be 0 (the root stays in place), got ", p[0]);
   for (int64_t j = 1; j < path.numel(); ++j) {
@@ -52,11 +72,9 @@ void check_path_values_cpu(at::TensorList kv, const at::Tensor& path, int64_t ds
   }
 }
 
-}  // namespace
-
 void kv_compact_cpu(at::TensorList kv, const at::Tensor& path, int64_t dst_start) {
   check_kv_compact_args(kv, path, dst_start);
-  check_path_values_cpu(kv, path, dst_start);
+  check_kv_path_cpu(kv, path, dst_start);
   const auto p = path.accessor<int64_t, 1>();
   for (const at::Tensor& t : kv) {
     for (int64_t j = 0; j < path.numel(); ++j) {  // increasing j: see the aliasing note above

@@ -2,8 +2,8 @@
 //   kv: [B, H, S, D] tensors (one dtype, any strides), path [L] int64 on their device.
 // One thread per (tensor, b, h, d) column copies that column's entries in increasing j:
 // slot dst_start + path[j] -> dst_start + j. Race free: a column is read and written by its
-// own thread only (tensors must not share memory, which the checks cannot rule out for
-// partially overlapping views), and in that thread increasing j never overwrites a source
+// own thread only (tensors must not share memory: check_kv_compact_args refuses any two whose
+// byte ranges overlap), and in that thread increasing j never overwrites a source
 // still to be read (path[j'] > path[j] >= j for j' > j, see kv_compact.cpp).
 // Consecutive threads take consecutive d, so each step's loads and stores are coalesced for
 // the usual D-contiguous layout. The copy moves raw 2- or 4-byte words: no float conversion.
@@ -11,7 +11,9 @@
 // No host sync: the path values are checked in the kernel (every thread, before any store, with
 // the same verdict everywhere): path[0] == 0, strictly increasing, dst_start + path[-1] below
 // every tensor's S. An invalid path leaves every tensor untouched, silently (the CPU op raises);
-// tree_verify's paths are valid by construction.
+// tree_verify's paths are valid by construction. The one exception: with nothing to move (an
+// empty list, or tensors without columns) no kernel runs, and the path is checked on the host
+// and raises like the CPU op.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -74,16 +76,20 @@ KvView view_of(const at::Tensor& t) {
 
 void kv_compact_cuda(at::TensorList kv, const at::Tensor& path, int64_t dst_start) {
   check_kv_compact_args(kv, path, dst_start);
-  if (kv.empty()) return;
   const c10::cuda::CUDAGuard guard(path.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor p = path.contiguous();
-  int64_t min_seq = kv[0].size(2), max_columns = 0;
+  int64_t min_seq = kv.empty() ? 0 : kv[0].size(2), max_columns = 0;
   for (const at::Tensor& t : kv) {
     min_seq = std::min(min_seq, t.size(2));
     max_columns = std::max(max_columns, t.size(0) * t.size(1) * t.size(3));
   }
-  if (max_columns == 0) return;
+  if (max_columns == 0) {
+    // Nothing to move (no tensors, or none with a column), so no kernel would see the path:
+    // check it on the host as the CPU op does. The sync costs nothing here, there is no work.
+    check_kv_path_cpu(kv, path.cpu(), dst_start);
+    return;
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor p = path.contiguous();
   const int blocks = static_cast<int>(std::min<int64_t>((max_columns + kThreads - 1) / kThreads, 1024));
   const bool half_width = kv[0].element_size() == 2;  // float16 / bfloat16, else float32
   for (size_t first = 0; first < kv.size(); first += kMaxTensorsPerLaunch) {

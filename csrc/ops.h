@@ -15,11 +15,18 @@
 #define FALCON_CHECK_SAME_DEVICE(a, b)                                                        \
   TORCH_CHECK((a).device() == (b).device(), #a " and " #b " must be on the same device, got ", \
               (a).device(), " and ", (b).device())
-#define FALCON_CHECK_FLOAT(t)                                                          \
-  TORCH_CHECK(at::isFloatingType((t).scalar_type()), #t " must be a floating tensor, got ", \
-              (t).scalar_type())
+// at::isFloatingType also admits the Float8 / Float4 dtypes, for which no op dispatches a
+// kernel: they must be refused here, before a launcher allocates or launches anything.
+#define FALCON_CHECK_FLOAT(t)                                                                        \
+  TORCH_CHECK(falcon_ext::is_supported_float((t).scalar_type()), #t " must be a floating tensor, got ", \
+              (t).scalar_type(), " (supported: float64, float32, float16, bfloat16)")
 
 namespace falcon_ext {
+
+// The float dtypes every op dispatches on (see FALCON_CHECK_FLOAT).
+inline bool is_supported_float(at::ScalarType st) {
+  return st == at::kDouble || st == at::kFloat || st == at::kHalf || st == at::kBFloat16;
+}
 
 // Checks a tree given as parent indices: parents [N] int64 with parents[0] == -1 (the root)
 // and 0 <= parents[i] < i for i > 0, which rules out cycles and forward references.
@@ -43,8 +50,12 @@ void check_verify_args(const at::Tensor& scores, const char* scores_name, const 
 void check_sample_uniforms(const at::Tensor& uniforms, const at::Tensor& probs);
 
 // Shape / dtype / device checks of kv_compact_ (no data reads): path [L >= 1] int64, dst_start >= 0,
-// every kv tensor 4-D, float32/float16/bfloat16, one dtype, on path's device.
+// every kv tensor 4-D, float32/float16/bfloat16, one dtype, on path's device, no two sharing memory.
 void check_kv_compact_args(at::TensorList kv, const at::Tensor& path, int64_t dst_start);
+
+// The path's values (root first, strictly increasing, dst_start + path[-1] inside every tensor);
+// path must be a CPU tensor. The CPU op's check, also used by the CUDA op when it launches nothing.
+void check_kv_path_cpu(at::TensorList kv, const at::Tensor& path, int64_t dst_start);
 
 // ---- tree_build: verification inputs for a draft tree ----
 // parents [N] int64 -> (mask [N, P + N] dtype: 0 = visible, -inf = hidden;

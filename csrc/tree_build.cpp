@@ -31,7 +31,8 @@ void check_tree_build_args(const at::Tensor& parents, int64_t prefix_len, at::Sc
   // prefix_len + N is the mask width and the largest position id: it must not overflow int64
   TORCH_CHECK(prefix_len <= std::numeric_limits<int64_t>::max() - parents.numel(),
               "prefix_len + N must fit in int64, got prefix_len = ", prefix_len, " and N = ", parents.numel());
-  TORCH_CHECK(at::isFloatingType(dtype), "dtype must be a floating type for the additive mask, got ", dtype);
+  TORCH_CHECK(is_supported_float(dtype), "dtype must be a floating type for the additive mask (float64, float32, ",
+              "float16 or bfloat16), got ", dtype);
 }
 
 void check_tree_cpu(const at::Tensor& parents) {

@@ -93,8 +93,10 @@ def kv_compact_(kv: list[torch.Tensor], path: torch.Tensor, dst_start: int) -> N
         kv: list of [B, H, S, D] cache tensors (float16/bfloat16/float32, any strides, one device);
         path: [L] int64 on the tensors' device, strictly increasing node ids with path[0] == 0,
         as tree_verify returns; dst_start + path[-1] < S.
-    The tensors must not share memory with each other. On CPU a bad path raises; on CUDA it is
-    checked in the kernel (no host sync) and leaves every tensor unchanged without an error.
+    The tensors must not share memory with each other (two whose memory ranges overlap are
+    refused). On CPU a bad path raises; on CUDA it is checked in the kernel (no host sync) and
+    leaves every tensor unchanged without an error, except when there is nothing to move (no
+    tensors, or none with a column): then it is checked on the host and raises as on CPU.
     """
     _check_tensors("kv_compact_", [("path", path)] + [(f"kv[{i}]", t) for i, t in enumerate(kv)])
     _ops.kv_compact_(kv, path, dst_start)
@@ -124,6 +126,34 @@ def falcon_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights: list[torch.T
                                                  (x, h0, c0, ctx_k, ctx_v, br_k, br_v)))
                    + [(f"weights[{i}]", w) for i, w in enumerate(weights)])
     return _ops.falcon_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps, encode_only)
+
+
+# Fake (meta) implementations: output shapes and dtypes without running anything, for
+# torch.compile, FakeTensor tracing and opcheck. One per op.
+
+
+@torch.library.register_fake("falcon_ext::tree_build")
+def _tree_build_fake(parents, prefix_len, dtype):
+    n = parents.shape[0]
+    # retrieve_paths' shape (leaves, max depth + 1) depends on the tree's values.
+    ctx = torch.library.get_ctx()
+    leaves, columns = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    return parents.new_empty(n, prefix_len + n, dtype=dtype), parents.new_empty(n), parents.new_empty(leaves, columns)
+
+
+@torch.library.register_fake("falcon_ext::tree_verify_greedy")
+def _tree_verify_greedy_fake(logits, tokens, parents):
+    return tokens.new_empty(tokens.shape[0]), tokens.new_empty(2)
+
+
+@torch.library.register_fake("falcon_ext::tree_verify_sample")
+def _tree_verify_sample_fake(probs, tokens, parents, uniforms):
+    return tokens.new_empty(tokens.shape[0]), tokens.new_empty(2)
+
+
+@torch.library.register_fake("falcon_ext::kv_compact_")
+def _kv_compact_fake(kv, path, dst_start):
+    return None
 
 
 @torch.library.register_fake("falcon_ext::falcon_draft_step")

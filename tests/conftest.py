@@ -1,9 +1,34 @@
-"""Shared fixtures: the embedded stories260K target and tiny random targets of several families."""
+"""Shared fixtures: the device every op test runs on, the embedded stories260K target and tiny
+random targets of several families."""
 import pytest
 import torch
 import transformers
 
+from falcon_ext import ops  # noqa: F401  (loads the library, so its CUDA kernels can be looked up)
 from falcon_ext.targets import load_target
+
+# The one rule for CUDA: tests marked `cuda` (by hand, or through the device fixture's "cuda"
+# case) are collected everywhere, so `pytest -m cuda --collect-only` lists them on any machine,
+# and skip unless a GPU is visible and this build of falcon_ext registered its CUDA kernels.
+HAS_CUDA = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("falcon_ext::tree_build",
+                                                                                       "CUDA")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device and the CUDA build of falcon_ext")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+# Session scope: hypothesis tests take it too (it refuses function-scoped fixtures).
+@pytest.fixture(scope="session", params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request):
+    """Each test that takes it runs on the CPU and, marked `cuda`, on the GPU."""
+    return request.param
+
 
 TINY_FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
 

@@ -1,4 +1,9 @@
-"""Tree ops: CPU op == plain-PyTorch reference (falcon_ext.testing), CUDA op == CPU op, bad input raises."""
+"""Tree ops: CPU op == plain-PyTorch reference (falcon_ext.testing), CUDA op == CPU op, bad input raises.
+
+Tests taking the `device` fixture (conftest.py) run on the CPU and, marked `cuda`, on the GPU;
+the large cases there are sized to take the kernels' other paths (strided loops over more than
+1,024 nodes or 262,144 columns, V = 256k, thousands of positions).
+"""
 from __future__ import annotations
 
 import math
@@ -23,8 +28,6 @@ VOCAB = 111
 SIZES = [1, 7, 99]
 SHAPES = ["random", "chain", "star", "wide"]
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-HAS_CUDA = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("falcon_ext::tree_build", "CUDA")
-cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and the CUDA build of falcon_ext")
 
 
 def gen(seed: int) -> torch.Generator:
@@ -64,10 +67,21 @@ def test_tree_build_small_example():
     assert paths.tolist() == [[0, 2, -1], [0, 1, 3]]  # leaves 2 and 3 in index order
 
 
-def test_tree_build_non_contiguous_parents():
-    parents = torch.tensor([[-1, 9], [0, 9], [1, 9], [0, 9]]).t()[0]
+def test_tree_build_non_contiguous_parents(device):
+    parents = torch.tensor([[-1, 9], [0, 9], [1, 9], [0, 9]], device=device).t()[0]
     assert not parents.is_contiguous()
-    assert all(torch.equal(a, b) for a, b in zip(ops.tree_build(parents, 3), reference_tree_build(parents, 3)))
+    got = ops.tree_build(parents, 3)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, reference_tree_build(parents.cpu(), 3)))
+
+
+@pytest.mark.parametrize("shape", ["random", "chain"])
+def test_tree_build_large(device, shape):
+    """1,500 nodes (the CUDA scan's strided loop runs twice) after a 3,000-token prefix."""
+    parents = random_tree(1500, gen(seed_of("large", shape)), shape)
+    want = reference_tree_build(parents, 3000, torch.float16) if device == "cpu" else ops.tree_build(parents, 3000,
+                                                                                                     torch.float16)
+    got = ops.tree_build(parents.to(device), 3000, torch.float16)
+    assert all(g.device.type == device and torch.equal(g.cpu(), w) for g, w in zip(got, want))
 
 
 BAD_TREES = [
@@ -90,11 +104,16 @@ def test_tree_build_rejects_malformed_tree(parents, message):
         ops.tree_build(parents, 0)
 
 
-def test_tree_build_rejects_bad_arguments():
+def test_tree_build_rejects_bad_arguments(device):
+    parents = torch.tensor([-1, 0], device=device)
     with pytest.raises(RuntimeError, match="prefix_len must be >= 0"):
-        ops.tree_build(torch.tensor([-1, 0]), -1)
+        ops.tree_build(parents, -1)
     with pytest.raises(RuntimeError, match="floating type"):
-        ops.tree_build(torch.tensor([-1, 0]), 0, torch.int64)
+        ops.tree_build(parents, 0, torch.int64)
+    # Float8 / Float4 pass at::isFloatingType, but no kernel writes them: refused before any launch.
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.float4_e2m1fn_x2):
+        with pytest.raises(RuntimeError, match="dtype must be a floating type"):
+            ops.tree_build(parents, 0, dtype)
 
 
 # ---------------------------------------------------------------- tree_verify_greedy
@@ -155,6 +174,7 @@ BAD_VERIFY = [  # (mutation, message, whether the error is in the data: the CUDA
     (lambda s, t, p: (s[0], t, p), "must have shape \\[N, V\\]", False),
     (lambda s, t, p: (s.double(), t, p), "float32, float16 or bfloat16", False),
     (lambda s, t, p: (s.long(), t, p), "float32, float16 or bfloat16", False),
+    (lambda s, t, p: (s.to(torch.float8_e4m3fn), t, p), "float32, float16 or bfloat16", False),
     (lambda s, t, p: (s[:, :0], t, p), "V >= 1", False),
 ]
 
@@ -166,6 +186,42 @@ def test_verify_rejects_bad_input(mutate, message, data_error):
         ops.tree_verify_greedy(scores, tokens, parents)
     with pytest.raises(RuntimeError, match=message):
         ops.tree_verify_sample(scores, tokens, parents, torch.rand(tokens.numel() + 1))
+
+
+@pytest.mark.parametrize("n,vocab", [(1500, VOCAB), (16, 262144)], ids=["1500_nodes", "V_256k"])
+def test_verify_large(device, n, vocab):
+    """Over 1,024 nodes (the kernels' strided loops over nodes run twice) and V = 256k
+    (256 tokens per sum chunk); on CUDA against the CPU op, on the CPU against the reference."""
+    g = gen(seed_of("verify-large", n, vocab))
+    logits, tokens, parents = greedy_inputs(n, vocab, "wide", torch.bfloat16, seed_of("greedy", n, vocab))
+    want = (reference_verify_greedy if device == "cpu" else ops.tree_verify_greedy)(logits, tokens, parents)
+    got = ops.tree_verify_greedy(logits.to(device), tokens.to(device), parents.to(device))
+    assert want[1][0] >= 2 and torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+    probs, tokens, parents, _ = sample_inputs(n, vocab, "wide", torch.bfloat16, seed_of("sample", n, vocab))
+    for _ in range(3):
+        u = torch.rand(n + 1, generator=g)
+        want = (reference_verify_sample if device == "cpu" else ops.tree_verify_sample)(probs, tokens, parents, u)
+        got = ops.tree_verify_sample(*[t.to(device) for t in (probs, tokens, parents, u)])
+        assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
+def test_verify_non_contiguous_inputs(device):
+    """Column-major scores and every-other-element tokens / parents / uniforms give the results
+    of their contiguous copies."""
+    def strided(t):
+        wide = t.new_zeros(2 * t.numel())
+        wide[::2] = t
+        return wide[::2]
+
+    logits, tokens, parents = greedy_inputs(40, VOCAB, "random", torch.float16, 3)
+    probs = logits.float().softmax(-1)
+    u = torch.rand(41, generator=gen(3))
+    args = [t.to(device) for t in (logits, probs, tokens, parents, u)]
+    odd = [args[0].t().contiguous().t(), args[1].t().contiguous().t()] + [strided(t) for t in args[2:]]
+    assert not any(t.is_contiguous() for t in odd)
+    for got, want in [(ops.tree_verify_greedy(odd[0], *odd[2:4]), ops.tree_verify_greedy(args[0], *args[2:4])),
+                      (ops.tree_verify_sample(*odd[1:]), ops.tree_verify_sample(*args[1:]))]:
+        assert want[1][0] >= 1 and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 # ---------------------------------------------------------------- tree_verify_sample
@@ -337,6 +393,42 @@ def test_kv_compact_several_shapes_one_call():
     assert all(torch.equal(a, b) for a, b in zip(kv, want))
 
 
+def test_kv_compact_disjoint_views_of_one_buffer(device):
+    """Keys and values stored as two halves of one buffer do not share memory: accepted."""
+    buf = torch.randn(2, 1, 2, 10, 4, generator=gen(9)).to(device)
+    want = buf.cpu().clone()
+    path = torch.tensor([0, 3, 4])
+    ops.kv_compact_([buf[0], buf[1]], path.to(device), 1)
+    reference_kv_compact_([want[0], want[1]], path, 1)
+    assert torch.equal(buf.cpu(), want)
+
+
+def test_kv_compact_checks_path_with_nothing_to_move(device):
+    """No tensor (or none with a column) to move: the path is still checked, on CUDA too."""
+    for kv in ([], [torch.empty(1, 0, 10, 4, device=device)]):
+        with pytest.raises(RuntimeError, match="path\\[0\\] must be 0"):
+            ops.kv_compact_(kv, torch.tensor([1, 2], device=device), 0)
+        with pytest.raises(RuntimeError, match="strictly increasing"):
+            ops.kv_compact_(kv, torch.tensor([0, 2, 2], device=device), 0)
+        ops.kv_compact_(kv, torch.tensor([0, 2], device=device), 0)
+    with pytest.raises(RuntimeError, match="is outside kv\\[0\\]'s sequence length 10"):
+        ops.kv_compact_([torch.empty(1, 0, 10, 4, device=device)], torch.tensor([0, 10], device=device), 0)
+
+
+def test_kv_compact_large(device):
+    """Thousands of positions (a 1,100-entry path into a 6,000-slot cache at dst_start 3,000), and a
+    tensor of 280,000 columns: more than one CUDA launch covers (1,024 blocks x 256 threads)."""
+    g = gen(31)
+    cases = [(torch.randn(1, 3, 6000, 64, generator=g), random_path(1100, 3000, g), 3000),
+             (torch.randn(1, 2, 6, 140000, generator=g).half(), torch.tensor([0, 2, 5]), 0)]
+    for kv, path, dst_start in cases:
+        want = kv.clone()
+        reference_kv_compact_([want], path, dst_start)
+        got = kv.to(device)
+        ops.kv_compact_([got], path.to(device), dst_start)
+        assert torch.equal(got.cpu(), want)
+
+
 BAD_KV = [
     (lambda kv, p: (kv, torch.tensor([1, 2])), 0, "path\\[0\\] must be 0"),
     (lambda kv, p: (kv, torch.tensor([0, 3, 3])), 0, "strictly increasing"),
@@ -350,6 +442,9 @@ BAD_KV = [
     (lambda kv, p: ([kv[0], kv[1][0]], p), 0, "kv\\[1\\] must have shape \\[B, H, S, D\\]"),
     (lambda kv, p: ([kv[0], kv[1].half()], p), 0, "one dtype"),
     (lambda kv, p: ([kv[0].long()], p), 0, "float32, float16 or bfloat16"),
+    (lambda kv, p: ([kv[0].to(torch.float8_e5m2)], p), 0, "float32, float16 or bfloat16"),
+    (lambda kv, p: ([kv[0], kv[1], kv[0]], p), 0, "kv\\[0\\] and kv\\[2\\] share memory"),
+    (lambda kv, p: ([kv[0][:, :, :6], kv[0][:, :, 4:]], p), 0, "kv\\[0\\] and kv\\[1\\] share memory"),
     (lambda kv, p: ([kv[0][:, :, :1].expand(1, 2, 10, 4)], p), 0, "kv\\[0\\] has elements sharing memory"),
 ]
 
@@ -365,15 +460,15 @@ def test_kv_compact_rejects_bad_input(mutate, dst_start, message):
 
 
 def test_op_schemas():
+    """Schemas, autograd registration and the fake (meta) implementations of ops.py (opcheck's
+    default checks: FakeTensor outputs match the real ones, AOT dispatch with dynamic shapes)."""
     parents = torch.tensor([-1, 0, 0, 1])
     logits, tokens, _ = greedy_inputs(4, VOCAB, "random", torch.float32, 0)
-    checks = ("test_schema", "test_autograd_registration")
-    torch.library.opcheck(torch.ops.falcon_ext.tree_build, (parents, 3, torch.float16), test_utils=checks)
-    torch.library.opcheck(torch.ops.falcon_ext.tree_verify_greedy, (logits, tokens, parents), test_utils=checks)
-    torch.library.opcheck(torch.ops.falcon_ext.tree_verify_sample, (logits.softmax(-1), tokens, parents, torch.rand(5)),
-                          test_utils=checks)
-    torch.library.opcheck(torch.ops.falcon_ext.kv_compact_, ([torch.randn(1, 2, 6, 3)], torch.tensor([0, 2]), 1),
-                          test_utils=checks)
+    torch.library.opcheck(torch.ops.falcon_ext.tree_build, (parents, 3, torch.float16))
+    torch.library.opcheck(torch.ops.falcon_ext.tree_verify_greedy, (logits, tokens, parents))
+    torch.library.opcheck(torch.ops.falcon_ext.tree_verify_sample, (logits.softmax(-1), tokens, parents, torch.rand(5)))
+    torch.library.opcheck(torch.ops.falcon_ext.kv_compact_, ([torch.randn(1, 2, 6, 3)], torch.tensor([0, 2]), 1))
+
 
 
 # ---------------------------------------------------------------- CUDA == CPU
@@ -384,7 +479,6 @@ def on_cuda(*tensors):
 
 
 @pytest.mark.cuda
-@cuda
 @pytest.mark.parametrize("n", SIZES + [300])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cuda_tree_build_equals_cpu(n, shape):
@@ -397,7 +491,6 @@ def test_cuda_tree_build_equals_cpu(n, shape):
 
 
 @pytest.mark.cuda
-@cuda
 @pytest.mark.parametrize("parents,message", BAD_TREES)
 def test_cuda_tree_build_rejects_malformed_tree(parents, message):
     with pytest.raises(RuntimeError, match=message):
@@ -405,7 +498,6 @@ def test_cuda_tree_build_rejects_malformed_tree(parents, message):
 
 
 @pytest.mark.cuda
-@cuda
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -426,7 +518,6 @@ def test_cuda_verify_equals_cpu(n, shape, dtype, vocab):
 
 
 @pytest.mark.cuda
-@cuda
 def test_cuda_verify_edge_cases_equal_cpu():
     cases = [  # ties, NaN, all-zero and negative weights, one-hot rows
         (torch.randint(0, 3, (40, VOCAB), generator=gen(1)).float(), random_tree(40, gen(2), "random")),
@@ -451,7 +542,6 @@ def test_cuda_verify_edge_cases_equal_cpu():
 
 
 @pytest.mark.cuda
-@cuda
 @pytest.mark.parametrize("mutate,message,data_error", BAD_VERIFY)
 def test_cuda_verify_bad_input(mutate, message, data_error):
     """Shape errors raise as on CPU; data errors (tree, token range) give the sentinel result."""
@@ -467,7 +557,6 @@ def test_cuda_verify_bad_input(mutate, message, data_error):
 
 
 @pytest.mark.cuda
-@cuda
 def test_cuda_verify_large_vocab_equals_cpu():
     g = gen(77)
     parents = random_tree(60, g, "wide")
@@ -487,7 +576,6 @@ def test_cuda_verify_large_vocab_equals_cpu():
 
 
 @pytest.mark.cuda
-@cuda
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_cuda_kv_compact_equals_cpu(dtype):
     g = gen(seed_of("cuda-kv", dtype))
@@ -502,7 +590,6 @@ def test_cuda_kv_compact_equals_cpu(dtype):
 
 
 @pytest.mark.cuda
-@cuda
 def test_cuda_kv_compact_bad_input():
     kv = [torch.randn(1, 2, 10, 4, device="cuda")]
     with pytest.raises(RuntimeError, match="same device"):
@@ -511,3 +598,46 @@ def test_cuda_kv_compact_bad_input():
     for bad in ([1, 2], [0, 3, 3], [0, 10]):  # checked in the kernel: nothing is written
         ops.kv_compact_(kv, torch.tensor(bad, device="cuda"), 0)
         assert torch.equal(kv[0], before)
+
+
+@pytest.mark.cuda
+def test_cuda_every_op_runs_on_the_current_stream():
+    """Every op inside a non-default stream: its inputs are written on that stream only after a
+    long GPU sleep, so an op that launched on another stream would read the stale inputs (or
+    have its KV moves overwritten) and give a different answer."""
+    from test_draft_step import sample_inputs as draft_inputs
+
+    parents = random_tree(99, gen(41), "wide")
+    logits, tokens, _ = greedy_inputs(99, VOCAB, "wide", torch.float32, 41)
+    probs, u = logits.softmax(-1), torch.rand(100, generator=gen(42))
+    kv = torch.randn(1, 2, 40, 8, generator=gen(43))
+    path = torch.tensor([0, 3, 7, 20])
+    [(ref, _, draft_args)] = draft_inputs("cpu", torch.float32, [(64, 128, 4, 3, 2, 50, 4)])
+    fresh = [parents, logits, probs, tokens, u, kv, draft_args[0]]
+    stale = [torch.arange(-1, 98), torch.zeros_like(logits), torch.ones_like(probs), torch.zeros_like(tokens),
+             torch.zeros_like(u), torch.zeros_like(kv), torch.zeros_like(draft_args[0])]
+    d_fresh = [t.cuda() for t in fresh]
+    d_in = [t.cuda() for t in stale]
+    d_draft = [t.cuda() for t in draft_args[1:7]], [w.cuda() for w in draft_args[7]]
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        for dst, src in zip(d_in, d_fresh):
+            dst.copy_(src)
+        d_parents, d_logits, d_probs, d_tokens, d_u, d_kv, d_x = d_in
+        built = ops.tree_build(d_parents, 5)
+        greedy = ops.tree_verify_greedy(d_logits, d_tokens, d_parents)
+        sampled = ops.tree_verify_sample(d_probs, d_tokens, d_parents, d_u)
+        ops.kv_compact_([d_kv], path.cuda(), 2)
+        step = ops.falcon_draft_step(d_x, *d_draft[0], d_draft[1], ref.heads, ref.eps)
+    side.synchronize()
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(built, ops.tree_build(parents, 5)))
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(greedy, ops.tree_verify_greedy(logits, tokens, parents)))
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(sampled, ops.tree_verify_sample(probs, tokens, parents, u)))
+    ops.kv_compact_([kv], path, 2)
+    assert torch.equal(d_kv.cpu(), kv)
+    with torch.no_grad():
+        want = ops.falcon_draft_step(*draft_args, ref.heads, ref.eps)
+    for g, w in zip(step, want):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-4, atol=1e-4 * max(1.0, w.abs().max().item()))
