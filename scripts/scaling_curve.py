@@ -41,6 +41,24 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
     return found
 
 
+def log_spaced(found: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
+    """The start, then the checkpoints nearest to 1, 2, 4, ... times the first one's tokens, and the
+    last: an even spread on the curve's log axis at a fraction of the evaluation cost."""
+    start = [c for c in found if c[0] == 0]
+    trained = [c for c in found if c[0] > 0]
+    if not trained:
+        return start
+    chosen, target = [], trained[0][0]
+    while target <= trained[-1][0]:
+        nearest = min(trained, key=lambda c: abs(c[0] - target))
+        if nearest not in chosen:
+            chosen.append(nearest)
+        target *= 2
+    if trained[-1] not in chosen:
+        chosen.append(trained[-1])
+    return start + chosen
+
+
 def prompt_ids(tokenizer, name: str, count: int) -> list[list[int]]:
     chosen = prompts.load_prompt_set(name)[:count]
     return [prompts.encode(tokenizer, p.text, True, None)[0][0].tolist() for p in chosen]
@@ -56,18 +74,21 @@ def measure(args) -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_target(args.target, parse_dtype(args.dtype))
     heldout = read_data(args.heldout)[1]
+    # Each chain point re-runs the drafter over its whole prefix: a subset keeps this to minutes.
+    heldout = heldout.part(0, args.chain_sequences)
     tree = measured_tree(drafter_dir(args.tree_from), args.tree_size)
     sets = {name: prompt_ids(tokenizer, name, args.prompts) for name in ("mt-bench", "gsm8k")}
     out = args.run / "scaling.jsonl"
-    for tokens, folder in checkpoints(args.run):
+    found = checkpoints(args.run)
+    for tokens, folder in (found if args.all_checkpoints else log_spaced(found)):
         for measure_name in ("chain", *sets):
             if (folder.name, measure_name) in done(out):
                 continue
             drafter = load_drafter(str(folder), model).eval()
             start = time.time()
             if measure_name == "chain":
-                value = chain_acceptance(drafter, heldout, args.passes)
-                extra = {"sequences": len(heldout), "passes": args.passes}
+                value = chain_acceptance(drafter, heldout, args.passes, points_per_seq=args.chain_points)
+                extra = {"sequences": len(heldout), "points_per_sequence": args.chain_points, "passes": args.passes}
             else:
                 drafter.set_tree(tree)
                 result = mean_accepted_tokens(model, drafter, sets[measure_name], args.max_new_tokens)
@@ -124,7 +145,10 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=80, help="first N of MT-Bench and of GSM8K-test")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--passes", type=int, default=4)
+    p.add_argument("--chain-sequences", type=int, default=32, help="held-out sequences for the chain acceptance")
+    p.add_argument("--chain-points", type=int, default=3, help="chain start points per held-out sequence")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--all-checkpoints", action="store_true", help="measure every checkpoint, not a log-spaced few")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
     if not args.report_only:
