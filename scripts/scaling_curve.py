@@ -80,7 +80,9 @@ def measure(args) -> None:
     sets = {name: prompt_ids(tokenizer, name, args.prompts) for name in ("mt-bench", "gsm8k")}
     out = args.run / "scaling.jsonl"
     found = checkpoints(args.run)
-    for tokens, folder in (found if args.all_checkpoints else log_spaced(found)):
+    chosen = found if args.all_checkpoints else log_spaced(found)
+    index, count = map(int, args.shard.split("/"))
+    for tokens, folder in chosen[index::count]:
         for measure_name in ("chain", *sets):
             if (folder.name, measure_name) in done(out):
                 continue
@@ -149,6 +151,8 @@ def main() -> None:
     p.add_argument("--chain-points", type=int, default=3, help="chain start points per held-out sequence")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--all-checkpoints", action="store_true", help="measure every checkpoint, not a log-spaced few")
+    p.add_argument("--shard", default="0/1", help="I/N: measure every N-th checkpoint from the I-th, so N processes "
+                   "of one thread each share the work (faster than one process of N threads at batch 1)")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
     if not args.report_only:

@@ -30,4 +30,10 @@ TARGET=SmolLM2-135M-Instruct
   --amp bfloat16 --batch-size 16 --seq-len 1023 --epochs 1 --lr 1e-3 --warmup-steps 10 --schedule constant \
   --kl-alpha 1.0 --w-dist 1.0 --distill-vocab data --draft-vocab-size 8192 --eval-data "$RUNS/sg_heldout" \
   --save-every "$SAVE_EVERY" --keep-checkpoints 0 --log-every 5 --threads "$THREADS"
-"$PY" -P scripts/scaling_curve.py --run "$RUNS/sg_k2" --heldout "$RUNS/sg_heldout" --dtype bfloat16 --threads "$THREADS"
+# Two one-thread processes share the checkpoints, so both cores decode at batch 1 without thread synchronisation.
+for shard in 0/2 1/2; do
+  "$PY" -P scripts/scaling_curve.py --run "$RUNS/sg_k2" --heldout "$RUNS/sg_heldout" --dtype bfloat16 --threads 1 \
+    --shard $shard > "$RUNS/sg_k2/scaling.${shard/\//of}.log" 2>&1 &
+done
+wait
+"$PY" -P scripts/scaling_curve.py --run "$RUNS/sg_k2" --heldout "$RUNS/sg_heldout" --report-only
