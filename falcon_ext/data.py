@@ -404,6 +404,7 @@ def prepare_data(model, tokenizer, config: DataConfig, out_dir: str | Path, worl
                 path.unlink()  # built beside the shard that reached the budget; a single process would not have
             break
     bar.close()
+    world.barrier()  # every rank's shards are final (one past the budget deleted) before the folder is read
     meta["tokens"] = stored
     if world.main:
         _write_meta(out_dir, meta)

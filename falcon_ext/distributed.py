@@ -56,6 +56,10 @@ class World:
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts)
 
+    def barrier(self) -> None:
+        if self.group:
+            dist.barrier()
+
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         """The module to train: DistributedDataParallel over it in a process group, else itself."""
         if not self.group:
