@@ -11,6 +11,7 @@ import sys
 
 def _prepare_data(args) -> None:
     from .data import DataConfig, bytes_per_token, prepare_data
+    from .distributed import session
     from .targets import load_target, parse_dtype
 
     config = DataConfig(
@@ -24,16 +25,21 @@ def _prepare_data(args) -> None:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_target(args.target, parse_dtype(args.dtype), args.device)
-    out = prepare_data(model, tokenizer, config, args.out)
-    print(f"data in {out}: {bytes_per_token(out):.1f} bytes per token on disk")
+    # Under torchrun each rank writes its own shards of the same folder (see data.prepare_data).
+    with session(args.device, args.dist_timeout) as world:
+        model, tokenizer = load_target(args.target, parse_dtype(args.dtype), world.device)
+        out = prepare_data(model, tokenizer, config, args.out, world)
+        if world.main:
+            print(f"data in {out}: {bytes_per_token(out):.1f} bytes per token on disk")
 
 
 def _train(args) -> None:
+    from .distributed import session
     from .train import TrainConfig, train
 
     config = TrainConfig.from_args(args)
-    train(config)
+    with session(config.device, args.dist_timeout) as world:
+        train(config, world=world)
 
 
 def _fetch_smollm2(args) -> None:
@@ -68,7 +74,9 @@ def add_train_parsers(subparsers) -> None:
     p.add_argument("--limit", type=int, default=0, help="first N prompts/documents (0 = all)")
     p.add_argument("--feature-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     p.add_argument("--dtype", default="float32", help="dtype to run the target in")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK")
+    p.add_argument("--dist-timeout", type=float, default=1800.0, help="under torchrun: seconds to wait for the "
+                   "other ranks at the rendezvous and at each collective")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_prepare_data)

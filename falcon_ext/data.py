@@ -27,7 +27,9 @@ Nothing vocabulary-sized is stored: the distillation targets p = softmax(lm_head
 recomputed at training time from the stored features through the frozen shared LM head, so a
 token costs 4 + 2·H bytes (H = 64: 132 B; H = 576: 1156 B). Shards are written atomically and a
 shard's content depends only on its prompts and ``seed + shard index``, so an interrupted run
-resumes by skipping the shards that exist.
+resumes by skipping the shards that exist. Under torchrun, rank r of N writes the shards
+i ≡ r (mod N) into the same folder and rank 0 writes data.json: the folder is the one a single
+process writes.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+
+from .distributed import World
 
 FORMAT_VERSION = 2
 PROMPT_KEYS = ("turns", "question", "prompt", "instruction", "text")
@@ -354,8 +358,9 @@ def _write_meta(out_dir: Path, meta: dict) -> None:
     os.replace(tmp, out_dir / "data.json")
 
 
-def prepare_data(model, tokenizer, config: DataConfig, out_dir: str | Path) -> Path:
-    """Writes (or completes) the shards in ``out_dir``; returns it."""
+def prepare_data(model, tokenizer, config: DataConfig, out_dir: str | Path, world: World = World()) -> Path:
+    """Writes (or completes) the shards in ``out_dir``; returns it. ``world``: this process's rank
+    in a torchrun job (it writes every size-th shard); default the single process."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_resume(out_dir, config)
@@ -366,28 +371,43 @@ def prepare_data(model, tokenizer, config: DataConfig, out_dir: str | Path) -> P
     n_shards = (len(items) + config.shard_size - 1) // config.shard_size
     meta = {"format": FORMAT_VERSION, "config": asdict(config), "num_shards": n_shards,
             "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size, "corpus": corpus}
-    _write_meta(out_dir, meta)
+    if world.main:
+        _write_meta(out_dir, meta)
     planned = sum(len(it.ids) for it in items) if config.mode == "teacher_forcing" else None
     totals = [t for t in (config.max_tokens, planned) if t]
-    bar = tqdm(total=min(totals) if totals else None, desc="tokens", unit="tok", unit_scale=True, smoothing=0.1)
-    stored = 0
-    for index in range(n_shards):
+    bar = tqdm(total=min(totals) if totals else None, desc="tokens", unit="tok", unit_scale=True, smoothing=0.1,
+               disable=not world.main)
+    stored, reached = 0, False
+    # Rounds of one shard per rank; after each, the ranks share their shards' token counts, so
+    # every rank counts the budget in shard order, as a single process does.
+    for first in range(0, n_shards, world.size):
+        index, done, built = first + world.rank, 0, False
         path = shard_path(out_dir, index)
-        if path.exists():
+        if index < n_shards and path.exists():
             done = shard_tokens(path)
             bar.update(done)
-        else:
+        elif index < n_shards:  # (the last round may have fewer shards than ranks)
             chunk = items[index * config.shard_size: (index + 1) * config.shard_size]
             tensors = build_shard(model, chunk, config, config.seed + index, stops, progress=bar.update)
             _save_atomic(tensors, path)
-            done = int(tensors["offsets"][-1])
-        stored += done
-        if config.max_tokens and stored >= config.max_tokens:
-            meta["num_shards"] = index + 1  # the budget is reached: later shards are not part of this data
+            done, built = int(tensors["offsets"][-1]), True
+        counts = world.gather(torch.tensor([done], device=world.device)).tolist()
+        bar.update(sum(counts) - done)
+        for at, n in zip(range(first, n_shards), counts):
+            stored += n
+            if config.max_tokens and stored >= config.max_tokens:
+                meta["num_shards"] = at + 1  # the budget is reached: later shards are not part of this data
+                reached = True
+                break
+        if reached:
+            if built and index >= meta["num_shards"]:
+                path.unlink()  # built beside the shard that reached the budget; a single process would not have
             break
     bar.close()
+    world.barrier()  # every rank's shards are final (one past the budget deleted) before the folder is read
     meta["tokens"] = stored
-    _write_meta(out_dir, meta)
+    if world.main:
+        _write_meta(out_dir, meta)
     return out_dir
 
 

@@ -19,6 +19,13 @@ optimizer.safetensors, state.json), each made in a temporary folder and renamed 
 <out>/latest.json names the newest. A rerun of the same command resumes from it; the data
 order, noise and spans come from one torch.Generator whose state is saved, so a resumed run
 gives the same weights as an uninterrupted one.
+
+Under torchrun (falcon_ext.distributed) each rank trains on its share of every global batch,
+``batch_size`` rows in all, and DDP averages the gradients. Every rank draws the random numbers
+of the whole global batch (window starts, offset, noise, spans) from the same generator and keeps
+its rows', and the loss of a rank is its rows' share of the global batch's mean: so N ranks run
+the single process's computation, up to the order of floating-point sums. Only rank 0 logs and
+writes files.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +43,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import Sequences, read_data
+from .distributed import World
 from .falcon import DraftHead, FalconDrafter, FalconDrafterConfig
 from .train_state import load_checkpoint, save_checkpoint
 from .targets import load_target, parse_dtype
@@ -84,6 +93,7 @@ class TrainConfig:
     eval_passes: int = 4
     allow_partial_data: bool = False
     init: str = ""  # start from this drafter folder (e.g. CSGD fine-tuning of a plain-trained drafter)
+    resize_world: bool = False  # resume a checkpoint written by another number of processes
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -124,18 +134,24 @@ class Batch:
 
 
 def make_batch(seqs: Sequences, index: list[int], seq_len: int, loss_on_prompt: bool,
-               gen: torch.Generator) -> Batch:
+               gen: torch.Generator, rows: slice = slice(None)) -> Batch:
+    """Windows of the sequences ``index``, only the rows ``rows`` of them (a rank's share): the
+    start of every row's window is drawn, so ``gen`` advances as for the whole batch."""
+    starts = []
+    for j in index:
+        L = seqs.tokens[j].numel()
+        # Any start, as long as the window still holds some answer tokens when it can.
+        hi = max(L - seq_len, 0)
+        lo = min(max(seqs.prompt_lens[j] + seq_len // 4 - seq_len, 0), hi)
+        starts.append(int(torch.randint(lo, hi + 1, (1,), generator=gen)))
+    index, starts = index[rows], starts[rows]
     B, H = len(index), seqs.features[0].shape[-1]
     feats = torch.zeros(B, seq_len, H)
     toks = torch.zeros(B, seq_len, dtype=torch.long)
     valid = torch.zeros(B, seq_len, dtype=torch.bool)
     target_ok = torch.zeros(B, seq_len, dtype=torch.bool)
-    for row, j in enumerate(index):
+    for row, (j, start) in enumerate(zip(index, starts)):
         L = seqs.tokens[j].numel()
-        # Any start, as long as the window still holds some answer tokens when it can.
-        hi = max(L - seq_len, 0)
-        lo = min(max(seqs.prompt_lens[j] + seq_len // 4 - seq_len, 0), hi)
-        start = int(torch.randint(lo, hi + 1, (1,), generator=gen))
         n = min(seq_len, L - start)
         feats[row, :n] = seqs.features[j][start: start + n].float()
         toks[row, :n] = seqs.tokens[j][start: start + n]
@@ -200,7 +216,8 @@ def distill_loss(head: DraftHead, pred, batch: Batch, offset: int, cfg: TrainCon
     return StepLosses(loss, reg.item(), kl.item(), ce.item(), correct, per_slot(mask), agree)
 
 
-def glance_inputs(head: DraftHead, pred1, batch: Batch, lam: float, span: str, k: int, gen: torch.Generator):
+def glance_inputs(head: DraftHead, pred1, batch: Batch, lam: float, span: str, k: int, gen: torch.Generator,
+                  world: World = World()):
     """Second-pass inputs: predicted (f̂_i, t̂_{i+1}) except the first k and N = round(λ·d) consecutive
     positions per sequence, which keep their true inputs. Returns (features, next_tokens) [B, T, .]."""
     B, T, _ = pred1.shape
@@ -216,8 +233,11 @@ def glance_inputs(head: DraftHead, pred1, batch: Batch, lam: float, span: str, k
         toks[:, k:] = pred_tok[:, : T - k]
         keep_true = torch.zeros(B, T, dtype=torch.bool, device=pred1.device)
         keep_true[:, :k] = True
-        for row in range(B):
-            N = min(int(round(lam * int(d[row]))), T - k)
+        # Spans are drawn for every row of the global batch (d of all ranks), in order, so the
+        # generator and each row's span are the single process's.
+        d_all, mine = world.gather(d).tolist(), world.share(B * world.size)
+        for row in range(B * world.size):
+            N = min(int(round(lam * d_all[row])), T - k)
             if N == 0:
                 continue
             if span == "first":
@@ -226,43 +246,66 @@ def glance_inputs(head: DraftHead, pred1, batch: Batch, lam: float, span: str, k
                 s = T - N
             else:
                 s = k + int(torch.randint(0, T - k - N + 1, (1,), generator=gen))
-            keep_true[row, s: s + N] = True
+            if mine.start <= row < mine.stop:
+                keep_true[row - mine.start, s: s + N] = True
         feats = torch.where(keep_true[..., None], batch.features[:, :T], feats)
         toks = torch.where(keep_true, batch.tokens[:, 1: T + 1], toks)
     return feats, toks
 
 
-def noisy(features: torch.Tensor, amount: float, gen: torch.Generator) -> torch.Tensor:
+def noisy(features: torch.Tensor, amount: float, gen: torch.Generator, world: World = World()) -> torch.Tensor:
     if amount <= 0:
         return features
-    noise = (torch.rand(features.shape, generator=gen) * 2 - 1) * amount
+    # The whole global batch's noise, this rank's rows of it: the single process's numbers.
+    rows = features.shape[0] * world.size
+    noise = (torch.rand((rows, *features.shape[1:]), generator=gen)[world.share(rows)] * 2 - 1) * amount
     return features + noise.to(features.device)
 
 
 def train_step(drafter, head: DraftHead, batch: Batch, cfg: TrainConfig, lam: float,
-               gen: torch.Generator) -> StepLosses:
+               gen: torch.Generator, world: World = World()) -> StepLosses:
     # bf16 autocast runs the LSTM, attention, MLP and LM-head matmuls in bf16 (AMX / AVX512-BF16 on
     # CPU, tensor cores on GPU); the losses upcast to fp32 (distill_loss) and the weights stay fp32.
     with torch.autocast(batch.tokens.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bfloat16"):
-        return _train_step(drafter, head, batch, cfg, lam, gen)
+        return _train_step(drafter, head, batch, cfg, lam, gen, world)
 
 
 def _train_step(drafter, head: DraftHead, batch: Batch, cfg: TrainConfig, lam: float,
-                gen: torch.Generator) -> StepLosses:
+                gen: torch.Generator, world: World) -> StepLosses:
     T = batch.tokens.shape[1] - 1
     offset = int(torch.randint(0, cfg.k, (1,), generator=gen))
     feats, toks = batch.features[:, :T], batch.tokens[:, 1: T + 1]
     mask = batch.valid[:, 1: T + 1].long()
-    pred1 = drafter(noisy(feats, cfg.feature_noise, gen), toks, offset, mask)
+    pred1 = drafter(noisy(feats, cfg.feature_noise, gen, world), toks, offset, mask)
     first = distill_loss(head, pred1, batch, offset, cfg)
     if not cfg.csgd:
         return first
-    g_feats, g_toks = glance_inputs(head, pred1.detach(), batch, lam, cfg.glance_span, cfg.k, gen)
-    pred2 = drafter(noisy(g_feats, cfg.feature_noise, gen), g_toks, offset, mask)
+    g_feats, g_toks = glance_inputs(head, pred1.detach(), batch, lam, cfg.glance_span, cfg.k, gen, world)
+    pred2 = drafter(noisy(g_feats, cfg.feature_noise, gen, world), g_toks, offset, mask)
     second = distill_loss(head, pred2, batch, offset, cfg)
     second.loss = second.loss + cfg.first_pass_weight * first.loss
     second.first_correct = first.correct
     return second
+
+
+def global_losses(losses: StepLosses, tokens: int, world: World) -> tuple[StepLosses, int]:
+    """Under DDP: rescales ``losses.loss`` in place (the loss backward runs on) from the mean over
+    this rank's target positions to their share of the global batch's mean, times the world size,
+    so DDP's average of the ranks' gradients is the gradient of the global batch's mean loss.
+    Returns the global batch's figures for the log and its real tokens (one all_reduce)."""
+    k = losses.count.numel()
+    c = losses.count.sum()
+    first = losses.correct if losses.first_correct is None else losses.first_correct
+    stats = torch.cat([torch.stack([c, losses.loss.detach().float() * c]),
+                       c.new_tensor([losses.reg, losses.kl, losses.ce]) * c, c.new_tensor([tokens]),
+                       losses.correct, losses.agree, losses.count, first])
+    world.sum(stats)
+    total = stats[0].clamp(min=1)
+    losses.loss = losses.loss * (c * world.size / total)
+    reg, kl, ce = (stats[2:5] / total).tolist()
+    correct, agree, count, first = stats[6:].view(4, k)
+    return StepLosses(stats[1] / total, reg, kl, ce, correct, count, agree,
+                      None if losses.first_correct is None else first), int(stats[5])
 
 
 # ---------------------------------------------------------------- schedule
@@ -368,15 +411,19 @@ def build_drafter(cfg: TrainConfig, model) -> FalconDrafter:
     return FalconDrafter(config, model)
 
 
-def train(cfg: TrainConfig, model=None, tokenizer=None) -> FalconDrafter:
-    """Trains (or resumes) a drafter; writes checkpoints, train_log.jsonl and final/ under cfg.out."""
+def train(cfg: TrainConfig, model=None, tokenizer=None, world: World | None = None) -> FalconDrafter:
+    """Trains (or resumes) a drafter; writes checkpoints, train_log.jsonl and final/ under cfg.out.
+    ``world``: this process's rank in a torchrun job (falcon_ext.distributed.session); default the
+    single process on ``cfg.device``."""
+    world = world or World(device=cfg.device)
+    world.share(cfg.batch_size)  # refuses a global batch that does not split evenly over the ranks
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_same_config(out, cfg)
+    _check_same_config(out, cfg, write=world.main)
     if model is None:
-        model, tokenizer = load_target(cfg.target, parse_dtype("float32"), cfg.device)
+        model, tokenizer = load_target(cfg.target, parse_dtype("float32"), world.device)
     meta, seqs = read_all(cfg.data, cfg.allow_partial_data)
     train_seqs, eval_seqs = split_data(seqs, 0 if cfg.eval_data else cfg.eval_sequences)
     if cfg.eval_data:
@@ -397,40 +444,54 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> FalconDrafter:
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, history = load_checkpoint(out, drafter, opt, gen)
+    # Checkpoints from before DDP have no world_size: they were written by one process.
+    if step and history.get("world_size", 1) != world.size and not cfg.resize_world:
+        raise ValueError(f"{out} holds a checkpoint (step {step}) of a run with {history.get('world_size', 1)} "
+                         f"process(es); this run has {world.size}. Pass --resize-world to continue it with "
+                         f"{world.size}: the global batch is unchanged, so it is the same run up to the order "
+                         f"of floating-point sums. The checkpoint is untouched.")
+    history["world_size"] = world.size
     history.setdefault("draft_vocab", {"size": 0 if vocab is None else vocab.numel(),
                                        "target_token_coverage": round(coverage, 4)})
-    log = open(out / "train_log.jsonl", "a")
-    bar = tqdm(total=total, initial=step, desc="train", unit="step")
+    model_fn = world.wrap(drafter)
+    log = open(out / "train_log.jsonl", "a") if world.main else None
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not world.main)
     window = _Window(cfg.k)
     t0 = time.time()
     while step < total:
         index = batch_indices(step, len(train_seqs), cfg.batch_size, cfg.seed)
-        batch = make_batch(train_seqs, index, cfg.seq_len + 1, cfg.loss_on_prompt, gen).to(cfg.device)
+        batch = make_batch(train_seqs, index, cfg.seq_len + 1, cfg.loss_on_prompt, gen,
+                           world.share(cfg.batch_size)).to(world.device)
         lr, lam = lr_at(step, total, cfg), glance_lambda(step, total, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
         drafter.train()
+        losses = train_step(model_fn, head, batch, cfg, lam, gen, world)
+        logged, tokens = losses, int(batch.valid.sum())
+        if world.group:  # log the global batch's figures; backward takes the rescaled losses.loss
+            logged, tokens = global_losses(losses, tokens, world)
         # Tokens of data seen so far (real positions): the x axis of a one-pass scaling curve.
-        history["tokens_seen"] = history.get("tokens_seen", 0) + int(batch.valid.sum())
-        losses = train_step(drafter, head, batch, cfg, lam, gen)
+        history["tokens_seen"] = history.get("tokens_seen", 0) + tokens
         opt.zero_grad(set_to_none=True)
         losses.loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
-        window.add(losses)
+        window.add(logged)
         bar.update(1)
-        if step % cfg.log_every == 0 or step == total:
+        if world.main and (step % cfg.log_every == 0 or step == total):
             record = {"step": step, "tokens_seen": history["tokens_seen"], "lr": lr, "lambda": lam,
                       **window.summary(), "seconds": round(time.time() - t0, 1)}
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=record["acc"])
             window = _Window(cfg.k)
-        if step % cfg.save_every == 0 or step == total:
+        if world.main and (step % cfg.save_every == 0 or step == total):
             save_checkpoint(out, drafter, opt, step, gen, history, cfg.keep_checkpoints)
     bar.close()
     drafter.eval()
+    if not world.main:  # the evaluations and final/ are rank 0's
+        return drafter
     if "chain_acceptance" not in history and len(eval_seqs):
         history["chain_acceptance"] = chain_acceptance(drafter, eval_seqs, cfg.eval_passes)
         history["eval_sequences"] = len(eval_seqs)
@@ -481,19 +542,26 @@ class _Window:
                 "acc": rate(self.correct), "acc_true_inputs": rate(self.first_correct), "acc_target": rate(self.agree)}
 
 
-def _check_same_config(out: Path, cfg: TrainConfig) -> None:
-    """A resumed run must use the configuration it started with."""
+# Options of one invocation, not of the run: a resume may set them differently.
+_INVOCATION_OPTIONS = ("resize_world",)
+
+
+def _check_same_config(out: Path, cfg: TrainConfig, write: bool = True) -> None:
+    """A resumed run must use the configuration it started with. ``write``: record it when it is
+    new (rank 0 only; atomic, since the other ranks may read it at the same time)."""
     path = out / "train_config.json"
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))
     if path.exists():
         saved = json.loads(path.read_text())
         # Options added since the run started count as unchanged when they keep their defaults.
         defaults = json.loads(json.dumps(dataclasses.asdict(TrainConfig(cfg.target, cfg.data, cfg.out))))
-        diff = {k: (saved.get(k, defaults[k]), now[k]) for k in now if saved.get(k, defaults[k]) != now[k]}
+        diff = {k: (saved.get(k, defaults[k]), now[k]) for k in now
+                if k not in _INVOCATION_OPTIONS and saved.get(k, defaults[k]) != now[k]}
         if diff:
             raise ValueError(f"{out} holds a run with another configuration (saved, now): {diff}; use a new --out")
-    else:
-        path.write_text(json.dumps(now, indent=1))
+    elif write:
+        (out / "train_config.json.tmp").write_text(json.dumps(now, indent=1))
+        os.replace(out / "train_config.json.tmp", path)
 
 
 # ---------------------------------------------------------------- command line
@@ -527,4 +595,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "(greedy mean accepted tokens)")
     p.add_argument("--eval-max-new-tokens", type=int, default=d.eval_max_new_tokens)
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="drafter dtype")
-    p.add_argument("--device", default=d.device)
+    p.add_argument("--device", default=d.device, help="cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK")
+    p.add_argument("--resize-world", action="store_true", help="resume a checkpoint written by another number of "
+                   "torchrun processes (the same global batch: the same run up to the order of sums)")
+    p.add_argument("--dist-timeout", type=float, default=1800.0, help="under torchrun: seconds to wait for the "
+                   "other ranks at the rendezvous and at each collective")
