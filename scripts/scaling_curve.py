@@ -55,6 +55,10 @@ def log_spaced(found: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
             chosen.append(nearest)
         target *= 2
     if trained[-1] not in chosen:
+        # The last checkpoint replaces a doubling point that lies within 1.5x of it: a point that
+        # close adds little to a log axis and costs a whole evaluation.
+        if len(chosen) > 1 and trained[-1][0] < 1.5 * chosen[-1][0]:
+            chosen.pop()
         chosen.append(trained[-1])
     return start + chosen
 
@@ -145,7 +149,7 @@ def main() -> None:
     p.add_argument("--tree-from", default="SmolLM2-135M-Instruct", help="drafter whose cdt_measurement.json gives the tree")
     p.add_argument("--tree-size", type=int, default=24)
     p.add_argument("--prompts", type=int, default=80, help="first N of MT-Bench and of GSM8K-test")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--passes", type=int, default=4)
     p.add_argument("--chain-sequences", type=int, default=32, help="held-out sequences for the chain acceptance")
     p.add_argument("--chain-points", type=int, default=3, help="chain start points per held-out sequence")
