@@ -77,30 +77,39 @@ def step_start(accept_lengths: list[int], position: int) -> int:
 
 
 def rounding_tolerance(model, features: torch.Tensor, logits: torch.Tensor, a: int, b: int) -> float:
-    """How far rounding in the model's dtype can move logit(a) - logit(b) between two forwards
-    that compute the same function with different batching.
+    """How far rounding can move logit(a) - logit(b) between two forwards that compute the same
+    function with different batching (one token at a time vs several at once).
 
-    With unit roundoff u of the dtype (bf16 2^-8, fp16 2^-11, fp32 2^-24), hidden state h (what
-    the LM head reads, [H]) and head rows w_a, w_b, logit(a) - logit(b) = sum_i h_i (w_a,i - w_b,i):
+    Notation: u, the unit roundoff of the model's dtype (bf16 2^-8, fp16 2^-11, fp32 2^-24);
+    u32 = 2^-24, that of the fp32 accumulators PyTorch's CPU and CUDA matmuls use in every
+    dtype; h, the hidden state the LM head reads [H]; w_a, w_b, the head's rows; L, the layers;
+    K, the longest reduction in a layer (max of the hidden and MLP sizes). Then
+    logit(a) - logit(b) = sum_i h_i (w_a,i - w_b,i), and:
 
-    - each logit is rounded to the dtype on output: at most u |logit| each, u (|l_a| + |l_b|);
-    - every h_i carries a relative error e: a difference of sum_i |h_i (w_a,i - w_b,i)| * e at
-      most (worst case over the signs of the H terms of the dot product, the hidden-size factor);
-    - e: h is the last of 2L + 1 roundings of the residual stream (two residual additions per
-      layer and the final norm's output, each at most u relative); rounding errors of
+    - each logit is rounded to the dtype on output: at most u |logit|, so u (|l_a| + |l_b|);
+    - every h_i carries a relative error e, which moves the difference by at most
+      e * sum_i |h_i (w_a,i - w_b,i)| (worst case over the signs of the H terms);
+    - e: each layer's two residual updates are matmul outputs, accumulated over K terms in fp32
+      (batching changes the order: a relative error growing like sqrt(K) u32) and then rounded
+      to the dtype (u); with the final norm that is 2L + 1 such roundings, and errors of
       independent operations add like a random walk (Higham and Mary, "A new approach to
-      probabilistic rounding error analysis", 2019), so e = sqrt(2L + 1) u.
+      probabilistic rounding error analysis", SIAM J. Sci. Comput. 2019), so
+      e = sqrt(2L + 1) (u + sqrt(K) u32).
 
-    tolerance = u (|l_a| + |l_b|) + sqrt(2L + 1) u sum_i |h_i (w_a,i - w_b,i)|.
+    tolerance = u (|l_a| + |l_b|) + sqrt(2L + 1) (u + sqrt(K) u32) sum_i |h_i (w_a,i - w_b,i)|.
 
-    For SmolLM2 in bf16 (L = 30) that is about 0.03 of the dot product's absolute mass: a few
-    bf16 ulps of a typical logit. A wrong token (a bug) typically loses by many times more.
+    In bf16 the u terms dominate: for SmolLM2 (L = 30) e is about 0.03, a few bf16 ulps of a
+    typical logit gap's mass. In fp32 the accumulation term does (sqrt(K) u32). A token the
+    target did not choose (a bug) typically loses by many times the tolerance.
     """
-    u = torch.finfo(features.dtype).eps / 2
-    layers = model.config.num_hidden_layers
-    weight = model.get_output_embeddings().weight
+    u, u32 = torch.finfo(features.dtype).eps / 2, torch.finfo(torch.float32).eps / 2
+    config = model.config
+    hidden = features.shape[-1]
+    reduction = max(hidden, getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden)
+    relative = math.sqrt(2 * config.num_hidden_layers + 1) * (u + math.sqrt(reduction) * u32)
+    weight = model.get_output_embeddings().weight.detach()
     spread = float((features.float() * (weight[a].float() - weight[b].float())).abs().sum())
-    return u * (abs(float(logits[a])) + abs(float(logits[b]))) + math.sqrt(2 * layers + 1) * u * spread
+    return u * (abs(float(logits[a])) + abs(float(logits[b]))) + relative * spread
 
 
 @torch.no_grad()
