@@ -10,8 +10,10 @@ load from other processes falls on all of them alike):
   assisted  (e) transformers' assisted generation with ``--assistant``, a smaller model that
                 shares the target's tokenizer (skipped without one).
 Per method: tokens/s, speedup over (a) and (b), mean accepted tokens per target forward after
-the prefill, and for greedy runs whether the output tokens equal (a)'s. The engine's methods
-also get a per-stage step-time breakdown. Results go to OUT/bench.json, bench.md and bench.png.
+the prefill, and for greedy runs how many outputs equal (a)'s: identical, or differing at a
+rounding near-tie of the target's logits (explained, expected in bf16/fp16), or not
+(unexplained: a bug; the exit status is then 1), see falcon_ext.divergence. The engine's
+methods also get a per-stage step-time breakdown. Results go to OUT/bench.json, bench.md and bench.png.
 """
 from __future__ import annotations
 
@@ -26,9 +28,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import prompts as prompt_sets
+from .divergence import classify
 from .drafting import DraftTree
 from .generate import speculative_generate
 from .prompt_lookup import PromptLookupDrafter
+from .targets import add_dtype_argument
 
 METHODS = ("generate", "ar", "spec", "pld", "assisted")
 WARMUP_TOKENS = 8
@@ -69,6 +73,7 @@ class RunResult:
     decode_seconds: float = 0.0  # engine methods: the decoding loop alone
     stage_seconds: dict[str, float] = field(default_factory=dict)
     tree_nodes: int = 0  # engine methods: draft-tree nodes the target verified, all steps together
+    accept_lengths: list[int] | None = None  # engine methods: tokens emitted per step
 
 
 @dataclass
@@ -90,6 +95,7 @@ class Setup:
     top_k: int
     top_p: float
     breakdown: bool
+    fp32_lm_head: bool
 
     def sync(self):
         device = self.model.get_input_embeddings().weight.device
@@ -122,9 +128,10 @@ class Setup:
             generator = torch.Generator(device=ids.device).manual_seed(seed)
             out, seconds, forwards = self.timed(lambda: speculative_generate(
                 self.model, drafter, ids, max_new_tokens=max_new, temperature=self.temperature, top_k=self.top_k,
-                top_p=self.top_p, eos_token_id=self.eos, generator=generator, profile=self.breakdown))
+                top_p=self.top_p, eos_token_id=self.eos, generator=generator, profile=self.breakdown,
+                fp32_lm_head=self.fp32_lm_head))
             return RunResult(out.sequences[0, ids.shape[1]:].tolist(), seconds, forwards, out.decode_seconds,
-                             dict(out.stage_seconds), sum(out.tree_sizes))
+                             dict(out.stage_seconds), sum(out.tree_sizes), list(out.accept_lengths))
 
         return Method(key, label, run)
 
@@ -165,13 +172,14 @@ def build_methods(args, model, tokenizer, counter) -> tuple[list[Method], dict[s
     eos = _eos_ids(model, tokenizer)
     pad = model.generation_config.pad_token_id
     setup = Setup(model, counter, eos, pad if pad is not None else (eos[0] if eos else 0),
-                  args.temperature, args.top_k, args.top_p, not args.no_breakdown)
+                  args.temperature, args.top_k, args.top_p, not args.no_breakdown, args.fp32_lm_head)
+    head = " (fp32 LM head)" if args.fp32_lm_head else ""
     methods, skipped = [], {}
     for key in args.methods:
         if key == "generate":
             methods.append(setup.hf_method(key, "model.generate"))
         elif key == "ar":
-            methods.append(setup.engine_method(key, "falcon_ext AR", RootOnlyDrafter()))
+            methods.append(setup.engine_method(key, "falcon_ext AR" + head, RootOnlyDrafter()))
         elif key == "spec":
             drafter = resolve_drafter(args.drafter, model, args.target, args.lookup_tokens, args.lookup_branches,
                                       args.tree_size)
@@ -180,7 +188,7 @@ def build_methods(args, model, tokenizer, counter) -> tuple[list[Method], dict[s
                 name += f" ({args.lookup_tokens}" + (f" x {args.lookup_branches})" if args.lookup_branches > 1 else ")")
             elif args.tree_size:
                 name += f" ({args.tree_size}-node tree)"
-            methods.append(setup.engine_method(key, f"falcon_ext + {name}", drafter))
+            methods.append(setup.engine_method(key, f"falcon_ext + {name}{head}", drafter))
         elif key == "pld":
             methods.append(setup.hf_method(key, f"HF prompt lookup ({args.pld_tokens})",
                                            prompt_lookup_num_tokens=args.pld_tokens))
@@ -197,9 +205,7 @@ def build_methods(args, model, tokenizer, counter) -> tuple[list[Method], dict[s
 def encode_prompts(args, model, tokenizer) -> tuple[list[prompt_sets.Prompt], list[torch.Tensor], int]:
     """The selected prompts, their ids on the model's device, and how many were cut to fit."""
     chosen = prompt_sets.select(prompt_sets.load_prompt_set(args.prompts), args.num_prompts)
-    use_template = {"on": True, "off": False, "auto": bool(getattr(tokenizer, "chat_template", None))}[args.chat_template]
-    if use_template and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("--chat-template on, but the tokenizer has no chat template")
+    use_template = prompt_sets.use_chat_template(tokenizer, args.chat_template)
     limit = args.max_prompt_tokens or None
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None:
@@ -225,7 +231,7 @@ def measure(methods: list[Method], chosen, ids_list, max_new: int, seed: int, pr
             records.append(dict(prompt=i, category=prompt.category, method=m.key, prompt_tokens=ids.shape[1],
                                 new_tokens=len(r.tokens), seconds=r.seconds, forwards=r.forwards,
                                 decode_seconds=r.decode_seconds, stage_seconds=r.stage_seconds,
-                                tree_nodes=r.tree_nodes,
+                                tree_nodes=r.tree_nodes, accept_lengths=r.accept_lengths,
                                 same_as_generate=None if reference is None else r.tokens == reference,
                                 tokens=r.tokens))
         if "generate" in results and "spec" in results:
@@ -233,6 +239,16 @@ def measure(methods: list[Method], chosen, ids_list, max_new: int, seed: int, pr
             t = {k: sum(r["seconds"] for r in done if r["method"] == k) for k in ("generate", "spec")}
             bar.set_postfix(spec_speedup=f"{t['generate'] / t['spec']:.2f}x")
     return records
+
+
+def classify_divergences(model, records: list[dict], ids_list: list[torch.Tensor]) -> None:
+    """Adds ``divergence`` to every greedy record that differs from model.generate's: where the
+    outputs part, and whether the target's logits there were a rounding near-tie (explained)."""
+    reference = {r["prompt"]: r["tokens"] for r in records if r["method"] == "generate"}
+    for r in records:
+        if r["same_as_generate"] is False:
+            found = classify(model, ids_list[r["prompt"]], reference[r["prompt"]], r["tokens"], r["accept_lengths"])
+            r["divergence"] = found.to_dict()
 
 
 def add_bench_parser(subparsers) -> None:
@@ -264,8 +280,11 @@ def add_bench_parser(subparsers) -> None:
                         "of the tree it stores for this device (0)")
     p.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for method pld")
     p.add_argument("--assistant", default=None, help="assistant model (HF folder) for method assisted")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_dtype_argument(p)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--fp32-lm-head", action="store_true",
+                   help="engine methods choose tokens from float32 logits (the LM head upcast on the target's "
+                        "features); transformers' methods are unchanged")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
     p.add_argument("--no-breakdown", action="store_true",
                    help="skip the per-stage timing of the engine methods (on CUDA it synchronises per stage)")
@@ -285,22 +304,23 @@ def _method_list(text: str) -> list[str]:
 
 def run_bench(args) -> int:
     from . import bench_report
-    from .targets import load_target
+    from .targets import dtype_name, load_target, resolve_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model, tokenizer = load_target(args.target, dtype=dtype, device=args.device)
+    model, tokenizer = load_target(args.target, dtype=resolve_dtype(args.dtype, args.device), device=args.device)
     chosen, ids_list, cut = encode_prompts(args, model, tokenizer)
     counter = ForwardCounter(model)
     methods, skipped = build_methods(args, model, tokenizer, counter)
     records = measure(methods, chosen, ids_list, args.max_new_tokens, args.seed, not args.no_progress)
-    report = bench_report.build_report(args, methods, skipped, records, cut)
+    if args.temperature == 0:
+        classify_divergences(model, records, ids_list)
+    report = bench_report.build_report(args, methods, skipped, records, cut, dtype_name(model.dtype))
     paths = bench_report.write(report, Path(args.out))
     print(bench_report.markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths))
-    greedy_ok = all(r["same_as_generate"] is not False for r in records) if args.temperature == 0 else True
-    return 0 if greedy_ok else 1
+    unexplained = [r for r in records if r.get("divergence") and not r["divergence"]["explained"]]
+    return 1 if unexplained else 0
 
 
 def main(argv=None) -> int:

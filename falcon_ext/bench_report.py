@@ -30,6 +30,7 @@ def _stats(rows: list[dict]) -> dict:
     seconds = sum(r["seconds"] for r in rows)
     decode_forwards = sum(max(r["forwards"] - 1, 0) for r in rows)
     checked = [r["same_as_generate"] for r in rows if r["same_as_generate"] is not None]
+    divergences = [r["divergence"] for r in rows if r.get("divergence")]
     return {
         "prompts": len(rows),
         "new_tokens": tokens,
@@ -39,6 +40,9 @@ def _stats(rows: list[dict]) -> dict:
         "mean_accepted_tokens": sum(max(r["new_tokens"] - 1, 0) for r in rows) / decode_forwards
         if decode_forwards else 0.0,
         "identical_to_generate": sum(checked) if checked else None,
+        # Greedy outputs that differ: at a rounding near-tie of the target's logits, or not.
+        "explained_divergences": sum(d["explained"] for d in divergences) if checked else None,
+        "unexplained_divergences": sum(not d["explained"] for d in divergences) if checked else None,
     }
 
 
@@ -100,7 +104,22 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _run(command: list[str]) -> str | None:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _bf16_cpu_flags() -> list[str]:
+    """lscpu's flags that bear on bf16 speed: AVX-512 (incl. BF16/FP16), AMX tiles, AVX2/FMA."""
+    text = _run(["lscpu"]) or ""
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("Flags")), [])
+    return sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma", "avx_vnni"))
+
+
 def environment(device: str) -> dict:
+    """What a measurement ran on: machine, its load when measured, software, code version."""
     import transformers
 
     env = {
@@ -108,6 +127,10 @@ def environment(device: str) -> dict:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # A loaded machine slows every method and distorts ratios: figures are only read from idle runs.
+        "uptime": _run(["uptime"]),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "cpu_bf16_flags": _bf16_cpu_flags(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -119,13 +142,14 @@ def environment(device: str) -> dict:
     return env
 
 
-def build_report(args, methods, skipped: dict, records: list[dict], prompts_cut: int) -> dict:
+def build_report(args, methods, skipped: dict, records: list[dict], prompts_cut: int, dtype: str) -> dict:
     keys = [m.key for m in methods]
     config = {k: v for k, v in vars(args).items() if k != "func"}
     categories = list(dict.fromkeys(r["category"] for r in records))
     return {
         "config": config,
         "environment": environment(args.device),
+        "dtype": dtype,
         "methods": {m.key: m.label for m in methods},
         "skipped": skipped,
         "prompts_cut_to_fit": prompts_cut,
@@ -147,10 +171,12 @@ def markdown(report: dict) -> str:
     lines = [f"### {Path(c['target']).name}, drafter `{c['drafter']}`, prompts `{c['prompts']}` "
              f"({n} prompts x {c['max_new_tokens']} new tokens, {mode})", "",
              "| method | tokens/s | speedup vs model.generate | speedup vs falcon_ext AR | mean accepted tokens "
-             "| output = model.generate |",
+             "| output vs model.generate: identical / explained / unexplained |",
              "|---|---:|---:|---:|---:|---:|"]
     for key, s in report["summary"].items():
-        same = "n/a (sampling)" if c["temperature"] > 0 else f"{s['identical_to_generate']}/{s['prompts']}"
+        same = "n/a (sampling)" if c["temperature"] > 0 else (
+            f"{s['identical_to_generate']} / {s['explained_divergences']} / {s['unexplained_divergences']} "
+            f"of {s['prompts']}")
         lines.append(f"| {labels[key]} | {s['tokens_per_second']:.1f} | {_fmt(s.get('speedup_vs_generate'), '.2f', 'x')} "
                      f"| {_fmt(s.get('speedup_vs_ar'), '.2f', 'x')} | {s['mean_accepted_tokens']:.2f} | {same} |")
     for key, note in report["skipped"].items():
@@ -160,6 +186,19 @@ def markdown(report: dict) -> str:
     for category, table in report["categories"].items():
         cells = [f"{_fmt(s.get('speedup_vs_generate'), '.2f', 'x')} / {s['mean_accepted_tokens']:.2f}" for s in table.values()]
         lines.append(f"| {category} ({next(iter(table.values()))['prompts']}) | " + " | ".join(cells) + " |")
+    diverged = [r for r in report["records"] if r.get("divergence")]
+    if diverged:
+        lines += ["", "Greedy outputs that differ from model.generate: the first differing new token, the "
+                      "target's logit(generate's token) - logit(this token) in generate's one-token forward and "
+                      "in a multi-token forward, and the rounding tolerance of that difference "
+                      "(falcon_ext.divergence)", "",
+                  "| method | prompt | new token | tokens (generate / this) | gap one-token | gap multi-token "
+                  "| tolerance | verdict |", "|---|---:|---:|---|---:|---:|---:|---|"]
+        for r in diverged:
+            d = r["divergence"]
+            lines.append(f"| {labels[r['method']]} | {r['prompt']} | {d['position']} | {d['generate_token']} / "
+                         f"{d['other_token']} | {d['gap_one_token']:.4g} | {d['gap_multi_token']:.4g} | "
+                         f"{d['tolerance']:.4g} | {'explained' if d['explained'] else 'UNEXPLAINED'} |")
     for key, b in report["breakdown"].items():
         groups = ", ".join(f"{g} {100 * f:.1f}%" for g, f in b["group_fraction"].items())
         lines += ["", f"Step-time breakdown, {labels[key]}: {b['steps']} decoding steps verifying "
@@ -169,8 +208,10 @@ def markdown(report: dict) -> str:
         for stage, ms in b["stage_ms_per_step"].items():
             lines.append(f"| {stage} ({STAGE_GROUPS.get(stage, 'bookkeeping')}) | {ms:.3f} | "
                          f"{100 * b['stage_fraction'][stage]:.1f}% |")
-    lines += ["", f"Machine: {env['cpu']}, {env['cpu_count']} cores, {env['torch_threads']} torch threads"
-                  + (f", GPU {env['gpu']}" if "gpu" in env else "") + f"; {c['device']}, {c['dtype']}. "
+    lines += ["", f"Machine: {env['cpu']}, {env['cpu_count']} cores, {env['torch_threads']} torch threads, "
+                  f"load {env['load_average']}"
+                  + (f", GPU {env['gpu']}" if "gpu" in env else "") + f"; {c['device']}, {report['dtype']}"
+              + (", fp32 LM head (engine methods)" if c["fp32_lm_head"] else "") + ". "
               f"Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
               f"falcon_ext {env['falcon_ext_commit']}; {env['date']}. "
               f"Chat template: {c['chat_template']}; prompts cut to fit: {report['prompts_cut_to_fit']}."]

@@ -15,8 +15,10 @@
    drafter and the verify/compaction ops cost about the same for every N and are left out.
 
 CLI: ``python -m falcon_ext.cdt_tune --drafter DIR --target NAME --prompts FILE.jsonl`` writes
-the chosen tree into DIR/config.json under ``trees[<device type>]`` and the measurements into
-DIR/cdt_measurement.json.
+the chosen tree into DIR/config.json under ``trees["<device type>-<dtype>"]`` (the device and
+target dtype it measured, e.g. ``cpu-bfloat16``) and the measurements into
+DIR/cdt_measurement.json. Prompts are encoded by ``evaluate.encode_prompts``, as eval-drafter
+encodes them (a user turn through the chat template when the tokenizer has one).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from tqdm import tqdm
 
 from . import ops
 from .generate import TargetIO, _forward, _target_io
+from .targets import add_dtype_argument
 
 SIZES = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
 
@@ -187,53 +190,50 @@ def choose(trees, rates, costs) -> tuple[TreeChoice, list[TreeChoice]]:
     return max(options, key=lambda o: o.tokens_per_second), options
 
 
-def _read_prompts(path: Path, tokenizer) -> list[torch.Tensor]:
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    texts = [json.loads(ln).get("prompt") or json.loads(ln)["text"] for ln in lines] if path.suffix == ".jsonl" \
-        else lines
-    return [tokenizer(t, return_tensors="pt").input_ids[0] for t in texts]
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--drafter", required=True, help="FalconDrafter checkpoint folder (updated in place)")
     p.add_argument("--target", required=True, help="target name or folder (falcon_ext.targets.load_target)")
-    p.add_argument("--prompts", required=True, help="held-out prompts: .jsonl ({'prompt'|'text'}) or .txt lines")
+    p.add_argument("--prompts", nargs="+", required=True,
+                   help="held-out prompts: named sets, JSONL/text files or folders (as eval-drafter reads them)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_dtype_argument(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--passes", type=int, default=4, help="deepest tree considered, in drafter passes")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = p.parse_args(argv)
-    from .evaluate import load_drafter
-    from .falcon import FalconDrafter
-    from .targets import load_target
+    from .evaluate import encode_prompts, load_drafter
+    from .falcon import FalconDrafter, tree_key
+    from .targets import dtype_name, load_target, resolve_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    target, tokenizer = load_target(args.target, getattr(torch, args.dtype), args.device)
+    target, tokenizer = load_target(args.target, resolve_dtype(args.dtype, args.device), args.device)
     # Measured as the engine's CLI tools run it (in the target's dtype); the checkpoint keeps its own.
     drafter = load_drafter(args.drafter, target)
     eos = getattr(target.generation_config, "eos_token_id", None)
-    ranks = measure_ranks(drafter, target, _read_prompts(Path(args.prompts), tokenizer),
-                          max_new_tokens=args.max_new_tokens, passes=args.passes, eos_token_id=eos)
+    prompts = [torch.tensor(ids) for ids in encode_prompts(tokenizer, args.prompts)]
+    ranks = measure_ranks(drafter, target, prompts, max_new_tokens=args.max_new_tokens, passes=args.passes,
+                          eos_token_id=eos)
     rates = node_rates(ranks)
     trees = best_trees(rates)
     costs = measure_costs(drafter, target, trees)
     best, options = choose(trees, rates, costs)
-    device_type = torch.device(args.device).type
+    weight = target.get_input_embeddings().weight
+    key = tree_key(weight.device.type, weight.dtype)
     stored = FalconDrafter.from_pretrained(args.drafter, target=target)
-    stored.config.trees[device_type] = best.tree
+    stored.config.trees[key] = best.tree
     stored.save_pretrained(args.drafter)
-    report = {"device": device_type, "steps_measured": len(ranks), "chosen": asdict(best),
+    report = {"device": weight.device.type, "dtype": dtype_name(weight.dtype), "tree_key": key,
+              "steps_measured": len(ranks), "chosen": asdict(best),
               "options": [{k: v for k, v in asdict(o).items() if k != "tree"} for o in options],
               "node_rates": {",".join(map(str, k)): v for k, v in sorted(rates.items(), key=lambda kv: -kv[1])[:128]}}
     (Path(args.drafter) / "cdt_measurement.json").write_text(json.dumps(report, indent=1) + "\n")
     for o in options:
         print(f"N={o.size:3d} tokens/step={o.expected_tokens:.3f} draft ms={o.draft_seconds * 1e3:.2f} "
               f"verify ms={o.verify_seconds * 1e3:.2f} tokens/s={o.tokens_per_second:.1f}")
-    print(f"chosen for {device_type}: N={best.size} ({best.expected_tokens:.2f} tokens/step, "
-          f"{best.tokens_per_second:.1f} tokens/s predicted); written to {args.drafter}")
+    print(f"chosen for {key}: N={best.size} ({best.expected_tokens:.2f} tokens/step, "
+          f"{best.tokens_per_second:.1f} tokens/s predicted); written to {args.drafter} as trees[{key!r}]")
 
 
 if __name__ == "__main__":

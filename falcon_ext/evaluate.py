@@ -8,6 +8,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
+from . import prompts as prompt_sets
+from .targets import add_dtype_argument
 
 
 def load_drafter(name_or_path: str, target):
@@ -53,11 +55,14 @@ def measured_tree(folder: Path, size: int) -> list[list[int]]:
 
 
 def encode_prompts(tokenizer, sources: list[str], limit: int = 0) -> list[list[int]]:
-    from .data import encode_prompt, load_prompts
-
-    prompts = load_prompts(sources)
-    prompts = prompts[:limit] if limit else prompts
-    return [encode_prompt(tokenizer, p) for p in prompts]
+    """Token ids of the prompts in ``sources`` (named sets, files, folders; see
+    ``prompts.load_sources``), a user turn through the chat template when the tokenizer has one.
+    The one prompt encoder of drafter evaluation and tree tuning, so a tree is tuned on exactly
+    the inputs it is evaluated on."""
+    chosen = prompt_sets.load_sources(sources)
+    chosen = chosen[:limit] if limit else chosen
+    template = prompt_sets.use_chat_template(tokenizer)
+    return [prompt_sets.encode(tokenizer, p.text, template, None)[0][0].tolist() for p in chosen]
 
 
 def add_eval_parser(subparsers) -> None:
@@ -73,16 +78,18 @@ def add_eval_parser(subparsers) -> None:
                    "cdt_measurement.json (written by falcon_ext.cdt_tune)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    add_dtype_argument(p)
     p.set_defaults(func=_eval)
 
 
 def _eval(args) -> None:
     from . import cdt
-    from .targets import load_target
+    from .targets import load_target, resolve_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_target(args.target)
+    model, tokenizer = load_target(args.target, resolve_dtype(args.dtype, args.device), args.device)
     drafter = load_drafter(args.drafter, model).eval()
     if args.passes:
         drafter.set_tree(cdt.chain(args.passes * drafter.config.k))

@@ -25,8 +25,10 @@ from torch import nn
 
 from . import checkpoint, cdt
 from .drafting import DraftTree
+from .targets import DTYPES, dtype_name
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Canonical names only: a checkpoint's dtype and tree keys are written one way.
+_DTYPES = {name: dtype for name, dtype in DTYPES.items() if name == dtype_name(dtype)}
 
 
 @dataclass
@@ -35,9 +37,11 @@ class FalconDrafterConfig:
 
     hidden_size / vocab_size: the target's. k: tokens per drafter forward (paper: 2 is best).
     num_heads must divide hidden_size. intermediate_size: MLP width. trees: the Custom-Designed
-    Decoding Tree (rank paths, see falcon_ext.cdt) measured for each device type by
-    falcon_ext.cdt_tune; tree: the one used on other devices; neither = a top-1 chain of
-    ``num_passes`` blocks (what an unmeasured drafter gets).
+    Decoding Trees (rank paths, see falcon_ext.cdt) measured by falcon_ext.cdt_tune, keyed by
+    device type and target dtype ("cpu-bfloat16", "cuda-bfloat16", "cpu-float32"; a bare device
+    type such as "cpu" is a tree from before per-dtype keys), chosen by ``pick_tree``; tree: the
+    one used where none fits; neither = a top-1 chain of ``num_passes`` blocks (what an
+    unmeasured drafter gets).
     draft_vocab_size: 0 = the drafter proposes from the whole vocabulary; else the number of
     token ids in its ``draft_vocab`` buffer (see FalconDrafter.set_draft_vocab).
     target: the identity recorded by ``checkpoint.target_identity`` (checked on load).
@@ -52,7 +56,7 @@ class FalconDrafterConfig:
     dtype: str = "float32"
     num_passes: int = 4
     tree: list[list[int]] | None = None
-    trees: dict[str, list[list[int]]] = field(default_factory=dict)  # per device type ("cpu", "cuda")
+    trees: dict[str, list[list[int]]] = field(default_factory=dict)  # per "<device type>-<dtype>"
     draft_vocab_size: int = 0
     target: dict = field(default_factory=dict)
 
@@ -73,9 +77,10 @@ class FalconDrafterConfig:
         if self.tree is not None:
             self.tree = [list(map(int, p)) for p in self.tree]
             cdt.TreePlan(self.tree, self.k)  # validates
-        for device_type, paths in self.trees.items():
-            self.trees[device_type] = [list(map(int, p)) for p in paths]
-            cdt.TreePlan(self.trees[device_type], self.k)
+        for key, paths in self.trees.items():
+            _check_tree_key(key)
+            self.trees[key] = [list(map(int, p)) for p in paths]
+            cdt.TreePlan(self.trees[key], self.k)
 
     @classmethod
     def for_target(cls, target: nn.Module, **overrides) -> "FalconDrafterConfig":
@@ -91,6 +96,34 @@ class FalconDrafterConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def tree_key(device_type: str, dtype: torch.dtype) -> str:
+    """The ``config.trees`` key of a tree measured on this device type with the target in this dtype."""
+    return f"{device_type}-{dtype_name(dtype)}"
+
+
+def _check_tree_key(key: str) -> None:
+    device_type, _, dtype = key.partition("-")
+    try:
+        torch.device(device_type)
+    except RuntimeError:
+        raise ValueError(f"tree key {key!r}: {device_type!r} is not a device type") from None
+    if dtype and dtype not in _DTYPES:
+        raise ValueError(f"tree key {key!r}: the dtype after the device type must be one of {sorted(_DTYPES)}")
+
+
+def pick_tree(trees: dict[str, list[list[int]]], device_type: str, dtype: torch.dtype) -> str | None:
+    """The key of the tree to draft with on ``device_type`` with the target in ``dtype``, or None.
+
+    A tree's worth depends on what verifying N tokens costs, which depends most on the device
+    and then on the dtype. So: the exact "<device>-<dtype>" key; else the same device in any
+    dtype: first a bare "<device>" key (checkpoints from before per-dtype keys, dtype unknown),
+    then the other dtypes in the order float32, bfloat16, float16; else None (``config.tree``).
+    """
+    same_device = [tree_key(device_type, dtype), device_type,
+                   *(tree_key(device_type, other) for other in _DTYPES.values())]
+    return next((key for key in same_device if key in trees), None)
 
 
 class RMSNorm(nn.Module):
@@ -195,8 +228,9 @@ class FalconDrafter(nn.Module):
         self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size) if config.draft_vocab_size else None)
         self._draft_head_key, self._draft_head = None, None
         self.to(device=target.get_input_embeddings().weight.device, dtype=config.torch_dtype)
-        device_type = target.get_input_embeddings().weight.device.type
-        paths = config.trees.get(device_type, config.tree)
+        weight = target.get_input_embeddings().weight
+        key = pick_tree(config.trees, weight.device.type, weight.dtype)
+        paths = config.tree if key is None else config.trees[key]
         self.set_tree(cdt.chain(config.k * config.num_passes) if paths is None else paths)
         self.use_fused = True  # False: the plain-PyTorch draft_block (same contract)
         self.reset()

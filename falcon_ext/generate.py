@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from . import ops
@@ -87,9 +88,12 @@ class TargetIO:
     dtype: torch.dtype
     vocab_size: int  # rows of the LM head: the ids the target can read and emit
     max_positions: int | None
+    # fp32_lm_head: the LM head's weight and bias in float32; the engine then computes the logits
+    # from the target's features itself, and the model's own head runs on no rows at all.
+    head32: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
-def _target_io(model) -> TargetIO:
+def _target_io(model, fp32_lm_head: bool = False) -> TargetIO:
     params = inspect.signature(model.forward).parameters
     cache_kwarg = "cache" if "cache" in params else "past_key_values"
     embeddings = model.get_input_embeddings()
@@ -100,20 +104,41 @@ def _target_io(model) -> TargetIO:
         dtype=embeddings.weight.dtype,
         vocab_size=min(embeddings.weight.shape[0], getattr(model.config, "vocab_size", None) or embeddings.weight.shape[0]),
         max_positions=getattr(model.config, "max_position_embeddings", None),
+        head32=_head32(model, params) if fp32_lm_head else None,
     )
 
 
+def _head32(model, forward_params) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if "logits_to_keep" not in forward_params:
+        raise ValueError(f"fp32_lm_head needs a model whose forward takes logits_to_keep; "
+                         f"{type(model).__name__} does not")
+    head = model.get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    return head.weight.detach().float(), None if bias is None else bias.detach().float()
+
+
+# logits_to_keep as an empty index: the model's own LM head then runs on zero rows.
+_NO_LOGITS = torch.empty(0, dtype=torch.int64)
+
+
 def _forward(io: TargetIO, input_ids, cache, *, need_features, **kwargs):
+    """Logits [T, V] (float32 with io.head32) and, if asked or needed, the features [T, H]."""
+    if io.head32 is not None:
+        kwargs["logits_to_keep"] = _NO_LOGITS.to(input_ids.device)
     out = io.model(
         input_ids=input_ids,
         use_cache=True,
-        output_hidden_states=need_features,
+        output_hidden_states=need_features or io.head32 is not None,
         return_dict=True,
         **{io.cache_kwarg: cache},
         **kwargs,
     )
-    features = out.hidden_states[-1][0] if need_features else None
-    return out.logits[0], features
+    features = out.hidden_states[-1][0] if need_features or io.head32 is not None else None
+    if io.head32 is None:
+        return out.logits[0], features
+    weight, bias = io.head32
+    logits = F.linear(features.to(weight.device, torch.float32), weight, bias)
+    return logits, features if need_features else None
 
 
 def _eos_ids(eos_token_id, generation_config) -> frozenset[int]:
@@ -313,6 +338,7 @@ def speculative_generate(
     streamer=None,
     generator: torch.Generator | None = None,
     profile: bool = False,
+    fp32_lm_head: bool = False,
 ) -> SpeculativeOutput:
     """Generate from ``model`` with ``drafter``'s trees, exactly as the target would alone.
 
@@ -320,10 +346,16 @@ def speculative_generate(
     with ``temperature > 0`` tokens follow the distribution ``model.generate(do_sample=True,
     temperature, top_k, top_p)`` samples from. Unset arguments come from
     ``model.generation_config``. Batch size 1. ``profile=True`` fills ``stage_seconds``.
+
+    ``fp32_lm_head=True``: the target's tokens are chosen from float32 logits, its LM head upcast
+    and applied to its (bf16/fp16) features, so the rounding of the logits to the model's dtype
+    cannot create or flip near-ties. Greedy output then follows that upcast target: identical to
+    ``generate`` in float32; in bf16/fp16 it may differ where ``generate``'s own logits were
+    within rounding of a tie (see falcon_ext.divergence).
     """
     if not isinstance(drafter, Drafter):
         raise TypeError(f"drafter must implement falcon_ext.Drafter (reset/extend/propose), got {type(drafter)}")
-    io = _target_io(model)
+    io = _target_io(model, fp32_lm_head)
     gc = getattr(model, "generation_config", None)
     sampling = SamplingConfig.resolve(gc, temperature, top_k, top_p)
     prompt = _prepare_prompt(io, input_ids, attention_mask)

@@ -85,6 +85,27 @@ def load_prompt_set(name: str) -> list[Prompt]:
     raise ValueError(f"no prompt set {name!r}: give one of {NAMED_SETS} or a JSONL/text file")
 
 
+def load_sources(sources: list[str]) -> list[Prompt]:
+    """Prompts of several sources, in order: named sets, files, or folders (their .jsonl, .txt and
+    .md files, sorted by path)."""
+    prompts = []
+    for source in sources:
+        path = Path(source)
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".txt", ".md") and p.is_file()) \
+            if path.is_dir() else None
+        prompts += [p for f in files for p in load_prompt_file(f)] if files is not None else load_prompt_set(source)
+    return prompts
+
+
+def use_chat_template(tokenizer, mode: str = "auto") -> bool:
+    """Whether prompts go in as a user turn: ``on``, ``off``, or ``auto`` (when the tokenizer has a
+    chat template, i.e. the target is instruction-tuned)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "on" and not has_template:
+        raise ValueError("--chat-template on, but the tokenizer has no chat template")
+    return {"on": True, "off": False, "auto": has_template}[mode]
+
+
 def select(prompts: list[Prompt], count: int) -> list[Prompt]:
     """``count`` prompts taken round-robin over the categories (in order of first appearance)."""
     if count < 1:
