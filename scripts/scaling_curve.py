@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from falcon_ext import prompts
-from falcon_ext.evaluate import load_drafter, mean_accepted_tokens, measured_tree
+from falcon_ext.evaluate import encode_prompts, load_drafter, mean_accepted_tokens, measured_tree
 from falcon_ext.checkpoint import drafter_dir
 from falcon_ext.data import read_data
 from falcon_ext.targets import load_target, parse_dtype
@@ -63,11 +62,6 @@ def log_spaced(found: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
     return start + chosen
 
 
-def prompt_ids(tokenizer, name: str, count: int) -> list[list[int]]:
-    chosen = prompts.load_prompt_set(name)[:count]
-    return [prompts.encode(tokenizer, p.text, True, None)[0][0].tolist() for p in chosen]
-
-
 def done(path: Path) -> set[tuple[str, str]]:
     if not path.exists():
         return set()
@@ -81,7 +75,7 @@ def measure(args) -> None:
     # Each chain point re-runs the drafter over its whole prefix: a subset keeps this to minutes.
     heldout = heldout.part(0, args.chain_sequences)
     tree = measured_tree(drafter_dir(args.tree_from), args.tree_size)
-    sets = {name: prompt_ids(tokenizer, name, args.prompts) for name in ("mt-bench", "gsm8k")}
+    sets = {name: encode_prompts(tokenizer, [name], args.prompts) for name in ("mt-bench", "gsm8k")}
     out = args.run / "scaling.jsonl"
     found = checkpoints(args.run)
     chosen = found if args.all_checkpoints else log_spaced(found)
