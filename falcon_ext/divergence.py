@@ -26,6 +26,8 @@ from transformers import DynamicCache
 
 from .generate import _target_io
 
+# lam of rounding_tolerance: how many standard deviations of accumulated rounding count as a tie.
+CONFIDENCE = 4.0
 # Tokens forwarded at once when the step boundaries of the method are unknown (transformers'
 # prompt lookup): about one verify step of it (prompt_lookup_num_tokens is 10 by default).
 DEFAULT_CHUNK = 8
@@ -87,8 +89,13 @@ def rounding_tolerance(model, features: torch.Tensor, logits: torch.Tensor, a: i
     logit(a) - logit(b) = sum_i h_i (w_a,i - w_b,i), and:
 
     - each logit is rounded to the dtype on output: at most u |logit|, so u (|l_a| + |l_b|);
-    - every h_i carries a relative error e, which moves the difference by at most
-      e * sum_i |h_i (w_a,i - w_b,i)| (worst case over the signs of the H terms);
+    - every h_i carries a relative error of size e, independent across i, which moves the
+      difference by a sum of H independent terms of standard deviation about
+      e * ||h * (w_a - w_b)||_2: the same random-walk model as below, applied to the dot
+      product. Its bound holds with probability at least 1 - 2 exp(-lam^2 / 2) for a confidence
+      lam (Higham and Mary's lambda); lam = 4 leaves a 0.07 % chance of calling rounding a bug.
+      The worst case over the signs (the L1 norm) is about sqrt(H) times larger: for SmolLM2
+      it would call gaps of dozens of bf16 ulps "rounding";
     - e: each layer's two residual updates are matmul outputs, accumulated over K terms in fp32
       (batching changes the order: a relative error growing like sqrt(K) u32) and then rounded
       to the dtype (u); with the final norm that is 2L + 1 such roundings, and errors of
@@ -96,7 +103,7 @@ def rounding_tolerance(model, features: torch.Tensor, logits: torch.Tensor, a: i
       probabilistic rounding error analysis", SIAM J. Sci. Comput. 2019), so
       e = sqrt(2L + 1) (u + sqrt(K) u32).
 
-    tolerance = u (|l_a| + |l_b|) + sqrt(2L + 1) (u + sqrt(K) u32) sum_i |h_i (w_a,i - w_b,i)|.
+    tolerance = u (|l_a| + |l_b|) + lam sqrt(2L + 1) (u + sqrt(K) u32) ||h * (w_a - w_b)||_2.
 
     In bf16 the u terms dominate: for SmolLM2 (L = 30) e is about 0.03, a few bf16 ulps of a
     typical logit gap's mass. In fp32 the accumulation term does (sqrt(K) u32). A token the
@@ -108,8 +115,8 @@ def rounding_tolerance(model, features: torch.Tensor, logits: torch.Tensor, a: i
     reduction = max(hidden, getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden)
     relative = math.sqrt(2 * config.num_hidden_layers + 1) * (u + math.sqrt(reduction) * u32)
     weight = model.get_output_embeddings().weight.detach()
-    spread = float((features.float() * (weight[a].float() - weight[b].float())).abs().sum())
-    return u * (abs(float(logits[a])) + abs(float(logits[b]))) + relative * spread
+    spread = float((features.float() * (weight[a].float() - weight[b].float())).norm())
+    return u * (abs(float(logits[a])) + abs(float(logits[b]))) + CONFIDENCE * relative * spread
 
 
 @torch.no_grad()
