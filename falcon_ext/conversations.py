@@ -156,7 +156,6 @@ def eval_prompt_keys(extra_files: list[str]) -> list[str]:
     from .prompts import load_prompt_set
 
     texts = [p.text for name in (*EVAL_SETS, *extra_files) for p in load_prompt_set(name)]
-    # GSM8K-test beyond the 100 shipped questions, where the shared data folder has it.
     return sorted({_key(t) for t in texts if t.strip()})
 
 

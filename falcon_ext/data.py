@@ -67,7 +67,7 @@ class DataConfig:
     limit: int = 0  # use only the first `limit` prompts / documents (0 = all; without sources: samples)
     feature_dtype: str = "float16"
     seed: int = 0
-    source: str = ""  # "sharegpt" or a JSON/JSONL conversation file (instead of, or beside, sources)
+    source: str = ""  # "sharegpt" or a JSON/JSONL conversation file (instead of sources)
     split: str = "train"  # with a conversation source: train | heldout
     holdout_conversations: int = 256
     exclude: list[str] = field(default_factory=list)  # prompt files whose prompts must stay out of training
@@ -317,8 +317,9 @@ def _work_items(tokenizer, config: DataConfig) -> tuple[list[Item], dict]:
     items = []
     for text in texts:
         ids = tokenizer(text).input_ids
-        items.extend(Item(ids[i: i + config.max_len], [1] * len(ids[i: i + config.max_len]))
-                     for i in range(0, len(ids) - 1, config.max_len))
+        for i in range(0, len(ids) - 1, config.max_len):
+            piece = ids[i: i + config.max_len]
+            items.append(Item(piece, [1] * len(piece)))
     return [it for it in items if len(it.ids) >= 2], {}
 
 
