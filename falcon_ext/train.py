@@ -542,8 +542,9 @@ class _Window:
                 "acc": rate(self.correct), "acc_true_inputs": rate(self.first_correct), "acc_target": rate(self.agree)}
 
 
-# Options of one invocation, not of the run: a resume may set them differently.
-_INVOCATION_OPTIONS = ("resize_world",)
+# Options of one invocation, not of the run: a resume may set them differently (threads: a run
+# continues on a machine with another core count, or with fewer threads beside other work).
+_INVOCATION_OPTIONS = ("resize_world", "threads")
 
 
 def _check_same_config(out: Path, cfg: TrainConfig, write: bool = True) -> None:

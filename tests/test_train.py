@@ -264,6 +264,15 @@ def test_resume_refuses_other_config(tf_data, tmp_path):
     assert run.returncode != 0 and "another configuration" in run.stderr
 
 
+def test_resume_takes_another_thread_count(tf_data, tmp_path):
+    """The thread count belongs to the machine, not the run: a run resumes with another one."""
+    subprocess.run(_train_cmd(tf_data, tmp_path, 2), check=True, env=_env(), cwd=tmp_path, capture_output=True)
+    cmd = _train_cmd(tf_data, tmp_path, 2)
+    cmd[cmd.index("--threads") + 1] = "2"
+    run = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
 # ---------------------------------------------------------------- SmolLM2 fetch (no download)
 
 def test_extract_gguf_checks_hash(tmp_path, monkeypatch):
