@@ -9,6 +9,12 @@ Two views, each against the position P (tokens already in the KV cache):
    step (generate: one token per step; the engine: one verify step, whatever it emits). Steps
    are grouped into --bucket-token-wide position buckets: median ms per step, ms per token.
 
+3. Causes: an N-token tree forward after a P-token cache four ways, the engine's two remedies
+   off and on: transformers' ``DynamicCache`` (a ``torch.cat`` of the whole cache per update)
+   or the engine's ``ReservedCache`` (written in place), and transformers' grouped-query path
+   (a copy of the cached K/V per query-head group under a custom mask) or ``enable_gqa``
+   (falcon_ext.generate.grouped_kv_attention).
+
 Attention reads the whole cache, so its share grows with P while the matmuls' stays put; the
 Falcon drafter's own attention reads its context too. The output starts with the machine's load
 and versions (figures from a loaded machine are not figures).
@@ -24,9 +30,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from falcon_ext import speculative_generate
+from falcon_ext import ops, speculative_generate
 from falcon_ext.bench import resolve_drafter
-from falcon_ext.cdt_tune import VerifyTimer
+from falcon_ext.cdt_tune import VerifyTimer, median_seconds
+from falcon_ext.generate import _forward, _target_io, grouped_kv_attention
+from falcon_ext.kv_cache import ReservedCache
+from transformers import DynamicCache
 from falcon_ext.targets import add_dtype_argument, load_target, resolve_dtype
 from verify_cost import print_provenance
 
@@ -59,6 +68,41 @@ def forward_costs(model, positions: list[int], nodes: list[int], rounds: int) ->
     for p in positions:
         timer = VerifyTimer.for_target(model, p)
         costs[p] = {n: timer.seconds(n, rounds) for n in nodes}
+    return costs
+
+
+CAUSES = ("DynamicCache", "DynamicCache + enable_gqa", "ReservedCache", "ReservedCache + enable_gqa")
+
+
+@torch.no_grad()
+def growth_causes(model, positions: list[int], n_nodes: int, rounds: int) -> dict[int, dict[str, float]]:
+    """{P: {variant: median seconds of an n_nodes-token chain forward after a P-token cache}}."""
+    io = _target_io(model)
+    costs = {}
+    for p in positions:
+        prefix = torch.randint(3, io.vocab_size, (1, p), generator=torch.Generator().manual_seed(0)).to(io.input_device)
+        mask, position_ids, _ = ops.tree_build(torch.arange(-1, n_nodes - 1, device=io.input_device), p, io.dtype)
+        costs[p] = {}
+        for variant in CAUSES:
+            reserved = variant.startswith("ReservedCache")
+            cache = ReservedCache(p + n_nodes) if reserved else DynamicCache()
+            _forward(io, prefix, cache, need_features=False)
+
+            def step():
+                if variant.endswith("enable_gqa"):
+                    with grouped_kv_attention(io.input_device):
+                        _forward(io, prefix[:, :n_nodes], cache, need_features=False,
+                                 attention_mask=mask[None, None], position_ids=position_ids[None])
+                else:
+                    _forward(io, prefix[:, :n_nodes], cache, need_features=False,
+                             attention_mask=mask[None, None], position_ids=position_ids[None])
+                if reserved:  # drop the tree again, as the engine's commit does
+                    cache.keep(p)
+                else:
+                    for layer in cache.layers:
+                        layer.keys, layer.values = layer.keys[:, :, :p], layer.values[:, :, :p]
+
+            costs[p][variant] = median_seconds(step, io.input_device, rounds)
     return costs
 
 
@@ -97,6 +141,8 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", default="Write a very long story about a lighthouse keeper and the sea.")
     p.add_argument("--max-new-tokens", type=int, default=4000)
     p.add_argument("--bucket", type=int, default=500, help="position bucket width, tokens")
+    p.add_argument("--cause-nodes", type=int, default=12, help="tree size of the causes view (0: skip it)")
+    p.add_argument("--skip-decode", action="store_true", help="only the forward and causes views")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,6 +156,16 @@ def main(argv=None) -> None:
     print("|---:|" + "---:|" * len(nodes))
     for position, by_n in costs.items():
         print(f"| {position} | " + " | ".join(f"{1e3 * by_n[n]:.2f}" for n in nodes) + " |")
+
+    if args.cause_nodes:
+        causes = growth_causes(model, args.positions, args.cause_nodes, args.rounds)
+        print(f"\nCauses: a {args.cause_nodes}-token tree forward after a P-token cache, ms (median of {args.rounds}):")
+        print("| P | " + " | ".join(CAUSES) + " |")
+        print("|---:|" + "---:|" * len(CAUSES))
+        for position, by_variant in causes.items():
+            print(f"| {position} | " + " | ".join(f"{1e3 * by_variant[v]:.2f}" for v in CAUSES) + " |")
+    if args.skip_decode:
+        return
 
     drafter = resolve_drafter(args.drafter, model, args.target)
     prompt = tokenizer(args.prompt, return_tensors="pt").input_ids.to(args.device)

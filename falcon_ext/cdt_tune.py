@@ -34,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 from . import ops
-from .generate import TargetIO, _forward, _target_io
+from .generate import TREE_ROOM, TargetIO, _forward, _target_io, grouped_kv_attention
+from .kv_cache import ReservedCache
 from .targets import add_dtype_argument
 
 SIZES = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
@@ -130,12 +131,10 @@ class VerifyTimer:
     @classmethod
     @torch.no_grad()
     def for_target(cls, target, prefix_len: int = 128) -> "VerifyTimer":
-        from transformers import DynamicCache
-
         io = _target_io(target)
         prefix = torch.randint(3, io.vocab_size, (1, prefix_len), device=io.input_device,
                                generator=torch.Generator(io.input_device).manual_seed(0))
-        cache = DynamicCache()
+        cache = ReservedCache(prefix_len + 2 * TREE_ROOM)
         _, features = _forward(io, prefix, cache, need_features=True)
         return cls(io, prefix, cache, features)
 
@@ -145,10 +144,10 @@ class VerifyTimer:
         prefix_len = self.prefix.shape[1]
         parents = torch.arange(-1, n_nodes - 1, device=self.io.input_device)
         mask, positions, _ = ops.tree_build(parents, prefix_len, self.io.dtype)
-        _forward(self.io, self.prefix[:, :n_nodes], self.cache, need_features=True,
-                 attention_mask=mask[None, None], position_ids=positions[None])
-        for layer in self.cache.layers:  # drop the tree again, as the engine's compaction would
-            layer.keys, layer.values = layer.keys[:, :, :prefix_len], layer.values[:, :, :prefix_len]
+        with grouped_kv_attention(self.io.input_device):  # the engine's verify forward
+            _forward(self.io, self.prefix[:, :n_nodes], self.cache, need_features=True,
+                     attention_mask=mask[None, None], position_ids=positions[None])
+        self.cache.keep(prefix_len)  # drop the tree again, as the engine's commit does
 
     def seconds(self, n_nodes: int, rounds: int) -> float:
         return median_seconds(lambda: self.verify(n_nodes), self.io.input_device, rounds)

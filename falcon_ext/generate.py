@@ -11,16 +11,17 @@ target's own decoding (greedy) or follows its distribution (sampling).
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from . import ops
 from .drafting import Drafter, DraftTree
+from .kv_cache import ReservedCache
 from .sampling import SamplingConfig, warp_probs
 
 
@@ -47,7 +48,7 @@ class SpeculativeOutput:
 class DecodeState:
     """What the loop carries between steps."""
 
-    cache: DynamicCache
+    cache: ReservedCache
     cached_len: int  # tokens whose KV the target cache holds
     next_token: int  # chosen by the target, not yet run through it: the next tree's root
     generated: list[int]
@@ -216,9 +217,15 @@ def _generator_device(generator) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
-def prefill(io: TargetIO, prompt: torch.Tensor, drafter: Drafter, sampling, generator) -> tuple[DynamicCache, int]:
+# Cache positions reserved beyond prompt + max_new_tokens: the last step's unaccepted tree nodes.
+# A larger tree still works (the cache grows once); this only sizes the first reservation.
+TREE_ROOM = 64
+
+
+def prefill(io: TargetIO, prompt: torch.Tensor, drafter: Drafter, sampling, generator,
+            max_new_tokens: int) -> tuple[ReservedCache, int]:
     """Run the prompt through the target, pick the first token and prime the drafter."""
-    cache = DynamicCache()
+    cache = ReservedCache(prompt.shape[1] + max_new_tokens + TREE_ROOM)
     logits, features = _forward(io, prompt, cache, need_features=drafter.needs_features)
     first = _choose_token(logits[-1], sampling, generator)
     drafter.reset()
@@ -267,8 +274,38 @@ def _prune(tree: DraftTree, max_depth: int) -> DraftTree:
 def verify(io: TargetIO, tree: DraftTree, mask, positions, state: DecodeState, need_features: bool):
     """One target forward over the whole tree."""
     tokens = tree.tokens.to(io.input_device)
-    return _forward(io, tokens[None], state.cache, need_features=need_features,
-                    attention_mask=mask[None, None], position_ids=positions[None])
+    with grouped_kv_attention(io.input_device):
+        return _forward(io, tokens[None], state.cache, need_features=need_features,
+                        attention_mask=mask[None, None], position_ids=positions[None])
+
+
+@contextmanager
+def grouped_kv_attention(device: torch.device):
+    """On CPU, let SDPA read grouped-query KV heads as they are cached while a tree is verified.
+
+    With a custom mask and more than one query, transformers' SDPA path copies every layer's
+    cached keys and values once per query-head group (``repeat_kv``): a copy of the whole cache
+    at each step, so the step grows with the position faster than a one-token step does
+    (RESULTS.md, "Step time against position"). PyTorch's CPU SDPA takes the grouped heads and
+    a mask directly (``enable_gqa``); transformers uses that when TRANSFORMERS_SDPA_FORCE_GQA=1,
+    read at each attention call. Same arithmetic, no copy. Not on CUDA: there a mask with
+    ``enable_gqa`` falls back to the math kernel, slower than the copy.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    previous = os.environ.get(_FORCE_GQA)
+    os.environ[_FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[_FORCE_GQA]
+        else:
+            os.environ[_FORCE_GQA] = previous
+
+
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
 def accept(logits, tree: DraftTree, sampling: SamplingConfig, generator) -> tuple[list[int], int]:
@@ -300,11 +337,7 @@ def commit(state: DecodeState, path: list[int]) -> None:
     for device, tensors in by_device.items():
         ops.kv_compact_(tensors, torch.tensor(path, dtype=torch.int64, device=device), state.cached_len)
     state.cached_len += len(path)
-    # Truncate each layer directly: Cache.crop's argument changed meaning across transformers
-    # releases (absolute length before 5.2x, a negative count of tokens to drop after).
-    for layer in layers:
-        layer.keys = layer.keys[:, :, : state.cached_len]
-        layer.values = layer.values[:, :, : state.cached_len]
+    state.cache.keep(state.cached_len)
 
 
 def emit(state: DecodeState, tokens: list[int], streamer) -> None:
@@ -365,7 +398,7 @@ def speculative_generate(
     if streamer is not None:
         streamer.put(input_ids.cpu())
     start = time.perf_counter()
-    cache, first = prefill(io, prompt, drafter, sampling, generator)
+    cache, first = prefill(io, prompt, drafter, sampling, generator, max_new)
     state = DecodeState(cache, prompt.shape[1], first, [], max_new, _eos_ids(eos_token_id, gc))
     emit(state, [first], streamer)
     output = SpeculativeOutput(sequences=input_ids, prefill_seconds=time.perf_counter() - start)
