@@ -30,6 +30,13 @@ from .targets import DTYPES, dtype_name
 # Canonical names only: a checkpoint's dtype and tree keys are written one way.
 _DTYPES = {name: dtype for name, dtype in DTYPES.items() if name == dtype_name(dtype)}
 
+# The fused draft-step op's weights, in its order (csrc/ops.h names the same slots in its
+# DraftWeight enum). The 2-layer LSTM (PyTorch gate order i, f, g, o; b = b_ih + b_hh):
+# w_ih0 [4H, 2H], w_hh0 [4H, H], b0 [4H], w_ih1 [4H, H], w_hh1 [4H, H], b1 [4H]; attention:
+# attn_norm [H], w_qkv [3H, H], w_o [H, H]; MLP: mlp_norm [H], w_up [M, H], w_down [H, M].
+FUSED_WEIGHTS = ["w_ih0", "w_hh0", "b0", "w_ih1", "w_hh1", "b1", "attn_norm", "w_qkv", "w_o", "mlp_norm", "w_up",
+                 "w_down"]
+
 
 @dataclass
 class FalconDrafterConfig:
@@ -364,12 +371,13 @@ class FalconDrafter(nn.Module):
         return out, LSTMState(h, c), bk, bv
 
     def fused_weights(self) -> list[torch.Tensor]:
-        """Weights in the fused op's order (LSTM biases pre-summed)."""
+        """Weights in the fused op's order, ``FUSED_WEIGHTS`` (LSTM biases pre-summed)."""
         L = self.lstm
-        return [L.weight_ih_l0, L.weight_hh_l0, L.bias_ih_l0 + L.bias_hh_l0,
-                L.weight_ih_l1, L.weight_hh_l1, L.bias_ih_l1 + L.bias_hh_l1,
-                self.attn_norm.weight, self.qkv.weight, self.o_proj.weight,
-                self.mlp_norm.weight, self.up.weight, self.down.weight]
+        named = {"w_ih0": L.weight_ih_l0, "w_hh0": L.weight_hh_l0, "b0": L.bias_ih_l0 + L.bias_hh_l0,
+                 "w_ih1": L.weight_ih_l1, "w_hh1": L.weight_hh_l1, "b1": L.bias_ih_l1 + L.bias_hh_l1,
+                 "attn_norm": self.attn_norm.weight, "w_qkv": self.qkv.weight, "w_o": self.o_proj.weight,
+                 "mlp_norm": self.mlp_norm.weight, "w_up": self.up.weight, "w_down": self.down.weight}
+        return [named[name] for name in FUSED_WEIGHTS]
 
     # ---- Drafter protocol (falcon_ext.drafting) ----
     def reset(self) -> None:
