@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from . import ops
+from .falcon import Passes
 from .generate import TargetIO, _forward, _target_io
 from .targets import add_dtype_argument
 
@@ -63,23 +64,20 @@ def measure_ranks(drafter, target, prompts: list[torch.Tensor], *, max_new_token
 
 def _chain_ranks(drafter, truth: torch.Tensor, passes: int, max_rank: int):
     """Ranks of ``truth`` (depths 1..passes*k) running the drafter's passes along it."""
-    ctx, k = drafter.context, drafter.config.k
-    if ctx.pending.shape[0] < k:
+    k = drafter.config.k
+    if drafter.context.pending.shape[0] < k:
         return None
-    x, state = ctx.pending[None], ctx.state
-    br_k = br_v = ctx.keys.new_empty(1, 0, drafter.config.hidden_size)
+    loop = Passes(drafter, drafter.context)
     head = drafter.draft_head()
     ranks = []
     for p in range(passes):
-        out, state, bk, bv = drafter.draft_step(x, state, ctx.keys[:ctx.length], ctx.values[:ctx.length], br_k, br_v)
-        logits = head.logits(out)[0].float()  # [k, draft vocabulary]
         block = truth[p * k:(p + 1) * k]
+        logits = head.logits(loop.step())[0].float()  # [k, draft vocabulary]
         rows = head.rows(block)
         true_logit = logits.gather(1, rows.clamp(min=0)[:, None])
         rank = (logits > true_logit).sum(1).masked_fill(rows < 0, max_rank)  # never proposed: a miss
         ranks += rank.clamp(max=max_rank).tolist()
-        x = drafter.pair_inputs(out, block[None])
-        br_k, br_v = torch.cat([br_k, bk], 1), torch.cat([br_v, bv], 1)
+        loop.feed(block[None])
     return ranks
 
 

@@ -211,6 +211,45 @@ class LSTMState:
         return LSTMState(self.h.index_select(1, index), self.c.index_select(1, index))
 
 
+class Passes:
+    """The drafter's pass loop over a context, one ``step`` per pass: the one loop that decoding
+    (``FalconDrafter.propose``), tree tuning (``cdt_tune``) and training's chain acceptance run.
+
+    Pass 0 drafts a block of k positions from the context's k pending positions. Every later pass
+    drafts from the previous pass's blocks, after ``feed`` names the tokens chosen for them (and,
+    for a tree, which branches continue): position i of a block is the pair (its predicted
+    feature, the token chosen at i). Every branch attends to the settled context and to its own
+    earlier blocks.
+    """
+
+    def __init__(self, drafter: "FalconDrafter", ctx: cdt.DraftContext):
+        if ctx.pending.shape[0] < drafter.config.k:
+            raise ValueError(f"drafting needs {drafter.config.k} pending context positions, the context has "
+                             f"{ctx.pending.shape[0]}")
+        self.drafter = drafter
+        self.x, self.state = ctx.pending[None], ctx.state
+        self.br_k = self.br_v = ctx.keys.new_empty(1, 0, drafter.config.hidden_size)
+        self.ctx_k, self.ctx_v = ctx.keys[:ctx.length], ctx.values[:ctx.length]
+        self.out = self.block_k = self.block_v = None
+
+    def step(self) -> torch.Tensor:
+        """Runs the next pass: its predicted features [B, k, H], one block per branch."""
+        self.out, self.state, self.block_k, self.block_v = self.drafter.draft_step(
+            self.x, self.state, self.ctx_k, self.ctx_v, self.br_k, self.br_v)
+        return self.out
+
+    def feed(self, block_tokens: torch.Tensor, branches: torch.Tensor | None = None) -> None:
+        """The next pass's input: ``block_tokens`` [B', k] chosen for the blocks of the last pass's
+        branches ``branches`` [B'] (a branch may continue several times or not at all; None: each
+        branch once, in order)."""
+        out, state = self.out, self.state
+        br_k, br_v = torch.cat([self.br_k, self.block_k], dim=1), torch.cat([self.br_v, self.block_v], dim=1)
+        if branches is not None:
+            out, state = out.index_select(0, branches), state.select(branches)
+            br_k, br_v = br_k.index_select(0, branches), br_v.index_select(0, branches)
+        self.x, self.state, self.br_k, self.br_v = self.drafter.pair_inputs(out, block_tokens), state, br_k, br_v
+
+
 class FalconDrafter(nn.Module):
     """The Falcon drafting head for one target model; also the engine's Drafter (reset/extend/propose)."""
 
@@ -389,7 +428,24 @@ class FalconDrafter(nn.Module):
 
     @torch.no_grad()
     def propose(self) -> DraftTree:
-        return cdt.propose(self, self.context)
+        """Run the plan's passes and return the draft tree (tokens[0] = the next token)."""
+        ctx, plan = self.context, self.plan
+        if ctx.next_token is None:
+            raise RuntimeError("propose() before extend(): the drafter has no context")
+        device = ctx.pending.device
+        root = torch.tensor([ctx.next_token], dtype=torch.long, device=device)
+        if ctx.pending.shape[0] < self.config.k:  # fewer than k context positions: nothing to draft from yet
+            return DraftTree(root, torch.tensor([-1], dtype=torch.long, device=device))
+        idx = plan.tensors(device)
+        node_tokens = [root]
+        passes = Passes(self, ctx)
+        head = self.draft_head()
+        for p in range(plan.num_passes):
+            if p > 0:
+                passes.feed(torch.cat(node_tokens)[idx["block_nodes"][p]], idx["parent_branch"][p])
+            top = head.tokens(head.logits(passes.step()).topk(plan.topk[p], dim=-1).indices)  # [B, k, K] token ids
+            node_tokens.append(top.reshape(-1)[idx["gather"][p]])
+        return DraftTree(torch.cat(node_tokens), idx["parents"])
 
     def set_tree(self, paths: list[list[int]]) -> None:
         """Draft with another Custom-Designed Decoding Tree (rank paths, see falcon_ext.cdt).

@@ -42,9 +42,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .cdt import DraftContext
 from .data import Sequences, read_data
 from .distributed import World
-from .falcon import DraftHead, FalconDrafter, FalconDrafterConfig
+from .falcon import DraftHead, FalconDrafter, FalconDrafterConfig, Passes
 from .train_state import load_checkpoint, save_checkpoint
 from .targets import load_target, parse_dtype
 
@@ -353,16 +354,17 @@ def chain_acceptance(drafter, seqs: Sequences, passes: int, points_per_seq: int 
 
 
 def _chain_at(drafter, feats, toks, n: int, passes: int, k: int) -> int:
-    """Context f_0..f_n, t_1..t_{n+1}; draft ``passes`` blocks; count leading matches with t_{n+2}..."""
-    f_in, t_in = feats[: n + 1], toks[1: n + 2]
-    offset = (n + 1) % k
+    """Context f_0..f_n, t_1..t_{n+1}; draft ``passes`` top-1 blocks; count leading matches with t_{n+2}..."""
+    ctx = DraftContext.empty(drafter)
+    ctx.extend(drafter, toks[: n + 1], feats[: n + 1], int(toks[n + 1]))
+    loop = Passes(drafter, ctx)
+    head = drafter.draft_head()
     drafted = []
-    for _ in range(passes):
-        out = drafter(f_in[None], t_in[None], offset)[0, -k:]
-        head = drafter.draft_head()
-        block = head.tokens(head.logits(out).argmax(-1))
+    for p in range(passes):
+        if p:
+            loop.feed(block[None])
+        block = head.tokens(head.logits(loop.step()[0]).argmax(-1))
         drafted.extend(block.tolist())
-        f_in, t_in = torch.cat([f_in, out.to(f_in.dtype)]), torch.cat([t_in, block])
     truth = toks[n + 2: n + 2 + len(drafted)].tolist()
     hits = 0
     for a, b in zip(drafted, truth):
