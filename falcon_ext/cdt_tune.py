@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import ops
+from . import ops, target_io
 from .falcon import Passes
-from .generate import TargetIO, _forward, _target_io
+from .target_io import TargetIO
 from .targets import add_dtype_argument
 
 SIZES = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
@@ -130,11 +130,11 @@ class VerifyTimer:
     def for_target(cls, target, prefix_len: int = 128) -> "VerifyTimer":
         from transformers import DynamicCache
 
-        io = _target_io(target)
+        io = target_io.for_model(target)
         prefix = torch.randint(3, io.vocab_size, (1, prefix_len), device=io.input_device,
                                generator=torch.Generator(io.input_device).manual_seed(0))
         cache = DynamicCache()
-        _, features = _forward(io, prefix, cache, need_features=True)
+        _, features = target_io.forward(io, prefix, cache, need_features=True)
         return cls(io, prefix, cache, features)
 
     @torch.no_grad()
@@ -143,7 +143,7 @@ class VerifyTimer:
         prefix_len = self.prefix.shape[1]
         parents = torch.arange(-1, n_nodes - 1, device=self.io.input_device)
         mask, positions, _ = ops.tree_build(parents, prefix_len, self.io.dtype)
-        _forward(self.io, self.prefix[:, :n_nodes], self.cache, need_features=True,
+        target_io.forward(self.io, self.prefix[:, :n_nodes], self.cache, need_features=True,
                  attention_mask=mask[None, None], position_ids=positions[None])
         for layer in self.cache.layers:  # drop the tree again, as the engine's compaction would
             layer.keys, layer.values = layer.keys[:, :, :prefix_len], layer.values[:, :, :prefix_len]
