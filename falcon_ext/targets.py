@@ -108,6 +108,15 @@ def add_dtype_argument(parser) -> None:
                              "(avx512_bf16/amx_bf16), float32 elsewhere")
 
 
+def eos_token_ids(model, tokenizer=None) -> list[int]:
+    """The target's stop tokens: its generation_config's eos_token_id, else the tokenizer's (when
+    given); [] when neither has one."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
 def resolve_target(name_or_path: str) -> str:
     from . import smollm2
 
