@@ -27,7 +27,8 @@ import torch
 from falcon_ext import speculative_generate
 from falcon_ext.bench import resolve_drafter
 from falcon_ext.cdt_tune import VerifyTimer
-from falcon_ext.targets import add_dtype_argument, load_target, resolve_dtype
+from falcon_ext.cli import add_dtype_argument
+from falcon_ext.targets import load_target, resolve_dtype
 from verify_cost import print_provenance
 
 

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, cdt
+from . import cdt, checkpoint
+from .checkpoint import check_vocab
 from .drafting import DraftTree
 from .targets import DTYPES, dtype_name
 
@@ -180,18 +181,6 @@ class DraftHead:
         return rows if self.vocab is None else self.vocab[rows]
 
 
-def check_vocab(token_ids, vocab_size: int) -> torch.Tensor:
-    """``token_ids`` as int64 if they are a non-empty, strictly increasing 1-D list of ids < vocab_size."""
-    ids = torch.as_tensor(token_ids)
-    if ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise ValueError(f"a draft vocabulary must be a non-empty 1-D tensor of token ids, got "
-                         f"{ids.dtype} of shape {list(ids.shape)}")
-    ids = ids.long()
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size or (ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all())):
-        raise ValueError(f"a draft vocabulary must hold sorted, distinct token ids in [0, {vocab_size})")
-    return ids
-
-
 def relaxed_block_mask(length: int, k: int, block_offset: int = 0, device=None) -> torch.Tensor:
     """[T, T] bool, True where query i may see key j: block(j) <= block(i), block(i) = floor((i - o) / k)."""
     if not 0 <= block_offset < k:
@@ -254,6 +243,7 @@ class FalconDrafter(nn.Module):
     """The Falcon drafting head for one target model; also the engine's Drafter (reset/extend/propose)."""
 
     needs_features = True
+    config_class = FalconDrafterConfig  # what ``checkpoint.load`` reads config.json into
 
     def __init__(self, config: FalconDrafterConfig, target: nn.Module):
         super().__init__()

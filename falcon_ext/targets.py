@@ -101,13 +101,6 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     return choice.dtype
 
 
-def add_dtype_argument(parser) -> None:
-    """The ``--dtype`` option every command shares."""
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                        help="target dtype; auto: bfloat16 on CUDA GPUs and CPUs with native bf16 "
-                             "(avx512_bf16/amx_bf16), float32 elsewhere")
-
-
 def eos_token_ids(model, tokenizer=None) -> list[int]:
     """The target's stop tokens: its generation_config's eos_token_id, else the tokenizer's (when
     given); [] when neither has one."""
