@@ -17,6 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .targets import dtype_name
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "falcon_ext.FalconDrafter"
@@ -149,7 +151,7 @@ def load(cls, name_or_path, target: nn.Module, dtype: torch.dtype | None = None)
     directory = drafter_dir(name_or_path)
     config = read_config(directory, cls.config_class)
     if dtype is not None:  # e.g. a drafter stored in bf16 (half the bytes) run in fp32 on a CPU
-        config.dtype = str(dtype).removeprefix("torch.")
+        config.dtype = dtype_name(dtype)
     drafter = cls(config, target)
     drafter.load_state_dict(read_weights(directory, drafter.state_dict()))  # casts to the config's dtype
     if drafter.draft_vocab is not None:
