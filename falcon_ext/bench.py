@@ -25,12 +25,16 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from . import bench_report
 from . import prompts as prompt_sets
+from .cdt_tune import measured_tree
+from .checkpoint import drafter_dir
 from .divergence import classify
 from .drafting import DraftTree
+from .evaluate import load_drafter
 from .generate import speculative_generate
 from .prompt_lookup import PromptLookupDrafter
-from .targets import eos_token_ids
+from .targets import dtype_name, eos_token_ids, load_target, resolve_dtype
 
 METHODS = ("generate", "ar", "spec", "pld", "assisted")
 WARMUP_TOKENS = 8
@@ -143,10 +147,6 @@ def resolve_drafter(name: str, model, target_name: str, lookup_tokens: int = 10,
         if tree_size:
             raise ValueError("--tree-size applies to Falcon drafters, not to --drafter lookup")
         return PromptLookupDrafter(num_tokens=lookup_tokens, max_branches=lookup_branches)
-    from .checkpoint import drafter_dir
-    from .cdt_tune import measured_tree
-    from .evaluate import load_drafter
-
     if name == "falcon":
         name = Path(target_name.rstrip("/")).name.removesuffix(".gguf")
     drafter = load_drafter(name, model).eval()
@@ -181,8 +181,6 @@ def build_methods(args, model, tokenizer, counter) -> tuple[list[Method], dict[s
             methods.append(setup.hf_method(key, f"HF prompt lookup ({args.pld_tokens})",
                                            prompt_lookup_num_tokens=args.pld_tokens))
         elif key == "assisted" and args.assistant:
-            from .targets import load_target
-
             assistant, _ = load_target(args.assistant, dtype=model.dtype, device=str(model.device))
             methods.append(setup.hf_method(key, f"HF assisted ({Path(args.assistant).name})", assistant_model=assistant))
         elif key == "assisted":
@@ -240,9 +238,6 @@ def classify_divergences(model, records: list[dict], ids_list: list[torch.Tensor
 
 
 def run_bench(args) -> int:
-    from . import bench_report
-    from .targets import dtype_name, load_target, resolve_dtype
-
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_target(args.target, dtype=resolve_dtype(args.dtype, args.device), device=args.device)

@@ -15,22 +15,19 @@ import time
 
 import torch
 
-from . import bench
-from .targets import DTYPE_CHOICES
+from . import bench, cdt, cdt_tune, data, distributed, divergence, evaluate, prompts, smollm2, targets, train
+from .checkpoint import drafter_dir
+from .generate import speculative_generate
 
 
 # ---------------------------------------------------------------- commands
 
 def demo(args) -> int:
-    from .generate import speculative_generate
-    from .prompts import encode, use_chat_template
-    from .targets import load_target, resolve_dtype
-
     torch.manual_seed(args.seed)
-    model, tokenizer = load_target(args.model, resolve_dtype(args.dtype, args.device), args.device)
+    model, tokenizer = targets.load_target(args.model, targets.resolve_dtype(args.dtype, args.device), args.device)
     drafter = bench.resolve_drafter(args.drafter, model, args.model)
     # An instruction-tuned target (one whose tokenizer has a chat template) gets the prompt as a user turn.
-    ids, _ = encode(tokenizer, args.prompt, use_chat_template(tokenizer), None)
+    ids, _ = prompts.encode(tokenizer, args.prompt, prompts.use_chat_template(tokenizer), None)
     ids = ids.to(args.device)
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0) if args.temperature > 0 \
         else dict(do_sample=False)
@@ -72,15 +69,12 @@ def _timed(fn):
 def report_identity(model, ids, reference, out) -> int:
     """Prints whether the greedy output equals model.generate's, and if not, whether the first
     difference is a rounding near-tie (falcon_ext.divergence); 1 when it is not."""
-    from .divergence import classify
-
     prompt_len = ids.shape[1]
-    divergence = classify(model, ids, reference[0, prompt_len:].tolist(), out.sequences[0, prompt_len:].tolist(),
-                          out.accept_lengths)
-    print(f"identical to model.generate: {divergence is None}")
-    if divergence is None:
+    d = divergence.classify(model, ids, reference[0, prompt_len:].tolist(), out.sequences[0, prompt_len:].tolist(),
+                            out.accept_lengths)
+    print(f"identical to model.generate: {d is None}")
+    if d is None:
         return 0
-    d = divergence
     print(f"first difference at new token {d.position} ({d.generate_token} vs {d.other_token}): logit gap "
           f"{d.gap_one_token:.4g} (one-token forward) / {d.gap_multi_token:.4g} (multi-token), rounding tolerance "
           f"{d.tolerance:.4g}: {'explained, a near-tie' if d.explained else 'UNEXPLAINED'}")
@@ -88,42 +82,28 @@ def report_identity(model, ids, reference, out) -> int:
 
 
 def eval_drafter(args) -> int:
-    from . import cdt
-    from .checkpoint import drafter_dir
-    from .cdt_tune import measured_tree
-    from .evaluate import load_drafter, mean_accepted_tokens
-    from .prompts import encode_sources
-    from .targets import load_target, resolve_dtype
-
     _set_threads(args.threads)
-    model, tokenizer = load_target(args.target, resolve_dtype(args.dtype, args.device), args.device)
-    drafter = load_drafter(args.drafter, model).eval()
+    model, tokenizer = targets.load_target(args.target, targets.resolve_dtype(args.dtype, args.device), args.device)
+    drafter = evaluate.load_drafter(args.drafter, model).eval()
     if args.passes:
         drafter.set_tree(cdt.chain(args.passes * drafter.config.k))
     if args.tree_size:
-        drafter.set_tree(measured_tree(drafter_dir(args.drafter), args.tree_size))
-    result = mean_accepted_tokens(model, drafter, encode_sources(tokenizer, args.prompts, args.limit),
-                                  args.max_new_tokens, args.temperature, args.seed)
+        drafter.set_tree(cdt_tune.measured_tree(drafter_dir(args.drafter), args.tree_size))
+    result = evaluate.mean_accepted_tokens(model, drafter, prompts.encode_sources(tokenizer, args.prompts, args.limit),
+                                           args.max_new_tokens, args.temperature, args.seed)
     print(json.dumps(result))
     return 0
 
 
 def tune_tree(args) -> int:
-    from .cdt_tune import tune
-    from .targets import load_target, resolve_dtype
-
     _set_threads(args.threads)
-    target, tokenizer = load_target(args.target, resolve_dtype(args.dtype, args.device), args.device)
-    tune(args.drafter, target, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens, passes=args.passes)
+    target, tokenizer = targets.load_target(args.target, targets.resolve_dtype(args.dtype, args.device), args.device)
+    cdt_tune.tune(args.drafter, target, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens, passes=args.passes)
     return 0
 
 
 def run_prepare_data(args) -> int:
-    from .data import DataConfig, bytes_per_token, prepare_data
-    from .distributed import session
-    from .targets import load_target, parse_dtype
-
-    config = DataConfig(
+    config = data.DataConfig(
         target=args.target, mode=args.mode, sources=args.data, shard_size=args.shard_size,
         batch_size=args.batch_size, max_len=args.max_len, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, eos_token_ids=args.eos_token_id or [],
@@ -133,27 +113,22 @@ def run_prepare_data(args) -> int:
     )
     _set_threads(args.threads)
     # Under torchrun each rank writes its own shards of the same folder (see data.prepare_data).
-    with session(args.device, args.dist_timeout) as world:
-        model, tokenizer = load_target(args.target, parse_dtype(args.dtype), world.device)
-        out = prepare_data(model, tokenizer, config, args.out, world)
+    with distributed.session(args.device, args.dist_timeout) as world:
+        model, tokenizer = targets.load_target(args.target, targets.parse_dtype(args.dtype), world.device)
+        out = data.prepare_data(model, tokenizer, config, args.out, world)
         if world.main:
-            print(f"data in {out}: {bytes_per_token(out):.1f} bytes per token on disk")
+            print(f"data in {out}: {data.bytes_per_token(out):.1f} bytes per token on disk")
     return 0
 
 
 def run_train(args) -> int:
-    from .distributed import session
-    from .train import TrainConfig, train
-
-    config = TrainConfig.from_args(args)
-    with session(config.device, args.dist_timeout) as world:
-        train(config, world=world)
+    config = train.TrainConfig.from_args(args)
+    with distributed.session(config.device, args.dist_timeout) as world:
+        train.train(config, world=world)
     return 0
 
 
 def fetch_smollm2(args) -> int:
-    from . import smollm2
-
     print(smollm2.ensure_local(args.cache))
     return 0
 
@@ -167,7 +142,7 @@ def _set_threads(threads: int) -> None:
 
 def add_dtype_argument(parser) -> None:
     """The target's ``--dtype`` option, shared by the commands that load a target."""
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+    parser.add_argument("--dtype", default="auto", choices=targets.DTYPE_CHOICES,
                         help="target dtype; auto: bfloat16 on CUDA GPUs and CPUs with native bf16 "
                              "(avx512_bf16/amx_bf16), float32 elsewhere")
 
@@ -197,8 +172,6 @@ def _add_demo(sub) -> None:
 
 
 def _add_bench(sub) -> None:
-    from .prompts import NAMED_SETS
-
     p = sub.add_parser("bench", help="end-to-end speed: model.generate vs falcon_ext vs transformers' "
                                      "speculative methods, interleaved in one run",
                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -206,7 +179,7 @@ def _add_bench(sub) -> None:
                    help="embedded model name, SmolLM2-135M-Instruct, an HF folder or a .gguf file")
     p.add_argument("--drafter", default="lookup",
                    help="lookup, falcon (the drafter shipped for the target), or a Falcon drafter folder/name")
-    p.add_argument("--prompts", default="mt-bench", help=f"one of {', '.join(NAMED_SETS)}, "
+    p.add_argument("--prompts", default="mt-bench", help=f"one of {', '.join(prompts.NAMED_SETS)}, "
                                                          "or a JSONL/text file or folder")
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -311,9 +284,7 @@ def _add_prepare_data(sub) -> None:
 
 
 def _add_train(sub) -> None:
-    from .train import TrainConfig
-
-    d = TrainConfig("", "", "")
+    d = train.TrainConfig("", "", "")
     p = sub.add_parser("train", help="train a Falcon drafter (CSGD or plain)")
     p.add_argument("--target", required=True, help="model name, HF folder or .gguf (the one the data came from)")
     p.add_argument("--data", required=True, nargs="+", help="folder(s) written by `falcon-ext prepare-data`")

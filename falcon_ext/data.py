@@ -44,6 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import conversations as conv
 from .distributed import World
 from .prompts import encode, encode_sources, record_text, use_chat_template
 from .targets import eos_token_ids
@@ -235,8 +236,6 @@ class Item:
 
 
 def _conversation_items(tokenizer, config: DataConfig) -> tuple[list[Item], dict]:
-    from . import conversations as conv
-
     found, report = conv.read_conversations(config.source)
     kept = conv.filter_conversations(found, report, conv.eval_prompt_keys(config.exclude), config.english_only)
     order = conv.shuffled(kept, config.seed)

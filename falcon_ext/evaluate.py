@@ -4,11 +4,12 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .falcon import FalconDrafter
+from .generate import speculative_generate
+
 
 def load_drafter(name_or_path: str, target):
     """A drafter folder or shipped name, run in its target's dtype (what the CLI tools use)."""
-    from .falcon import FalconDrafter
-
     return FalconDrafter.from_pretrained(name_or_path, target=target, dtype=target.get_input_embeddings().weight.dtype)
 
 
@@ -17,8 +18,6 @@ def mean_accepted_tokens(model, drafter, prompts: list[list[int]], max_new_token
                          temperature: float = 0.0, seed: int = 0, progress: bool = True) -> dict:
     """Runs ``speculative_generate`` on each prompt; pools the steps of all prompts (Spec-Bench's
     "#Mean Accepted Tokens": tokens emitted per target forward, the target's own token included)."""
-    from .generate import speculative_generate
-
     device = model.get_input_embeddings().weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     lengths, new_tokens = [], 0

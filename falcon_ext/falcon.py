@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cdt, checkpoint
+from . import cdt, checkpoint, ops
 from .checkpoint import check_vocab
 from .drafting import DraftTree
 from .targets import DTYPES, dtype_name
@@ -359,8 +359,6 @@ class FalconDrafter(nn.Module):
     def encode(self, x: torch.Tensor, state: LSTMState):
         """Settle context positions: LSTM from ``state`` over x [1, L, 2H] -> (K [L, H], V [L, H], new state)."""
         if self.use_fused:
-            from . import ops
-
             empty = x.new_empty(0, self.config.hidden_size)
             _, h, c, k, v = ops.falcon_draft_step(x, state.h, state.c, empty, empty, empty[None], empty[None],
                                                   self.fused_weights(), self.config.num_heads,
@@ -392,8 +390,6 @@ class FalconDrafter(nn.Module):
         """:meth:`draft_block` through the fused C++/CUDA op when available (same contract)."""
         if not self.use_fused:
             return self.draft_block(x, state, ctx_k, ctx_v, br_k, br_v)
-        from . import ops
-
         out, h, c, bk, bv = ops.falcon_draft_step(x, state.h, state.c, ctx_k, ctx_v, br_k, br_v,
                                                   self.fused_weights(), self.config.num_heads,
                                                   self.config.rms_norm_eps)

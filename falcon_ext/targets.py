@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import smollm2
+
 EMBEDDED = {"stories260K": os.path.join(os.path.dirname(__file__), "models", "stories260K")}
 # stories260K ends a story with BOS (id 1), never EOS (2): llama2.c's run.c stops on BOS.
 EMBEDDED_EOS = {"stories260K": [1, 2]}
@@ -111,8 +113,6 @@ def eos_token_ids(model, tokenizer=None) -> list[int]:
 
 
 def resolve_target(name_or_path: str) -> str:
-    from . import smollm2
-
     if name_or_path in EMBEDDED:
         return EMBEDDED[name_or_path]
     if name_or_path == smollm2.NAME:

@@ -44,9 +44,11 @@ from tqdm.auto import tqdm
 from .cdt import DraftContext
 from .data import Sequences, read_data
 from .distributed import World
+from .evaluate import mean_accepted_tokens
 from .falcon import DraftHead, FalconDrafter, FalconDrafterConfig, Passes
-from .train_state import load_checkpoint, save_checkpoint
+from .prompts import encode_sources
 from .targets import load_target, parse_dtype
+from .train_state import load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -498,9 +500,6 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, world: World | None = No
         history["eval_sequences"] = len(eval_seqs)
         save_checkpoint(out, drafter, opt, step, gen, history, cfg.keep_checkpoints)
     if cfg.eval_prompts and "mean_accepted_tokens" not in history:
-        from .evaluate import mean_accepted_tokens
-        from .prompts import encode_sources
-
         tokenizer = load_target(cfg.target)[1] if tokenizer is None else tokenizer
         history["engine_eval"] = mean_accepted_tokens(
             model, drafter, encode_sources(tokenizer, cfg.eval_prompts), cfg.eval_max_new_tokens)

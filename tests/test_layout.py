@@ -38,24 +38,26 @@ def _is_module(name: str, modules: dict[str, Path]) -> bool:
     return any(folder.glob(name.rsplit(".", 1)[-1] + ".*.so")) or any(folder.glob(name.rsplit(".", 1)[-1] + ".*.pyd"))
 
 
+def imports_of(source: str, name: str, is_package: bool, modules: dict[str, Path]) -> set[str]:
+    """The package modules that module ``name`` imports anywhere in ``source`` (top level or in a function)."""
+    package = name if is_package else name.rpartition(".")[0]
+    deps = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            origin = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:
+                member = f"{origin}.{alias.name}"
+                deps.add(member if _is_module(member, modules) else origin)
+        elif isinstance(node, ast.Import):
+            deps.update(alias.name for alias in node.names)
+    return {d for d in deps if d in modules and d != name}
+
+
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the package modules it imports anywhere in its body (top level or in a function)."""
-    modules = _modules()
-    graph = {}
-    for name, path in modules.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        deps = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom):
-                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
-                source = ".".join(base + ([node.module] if node.module else []))
-                for alias in node.names:
-                    member = f"{source}.{alias.name}"
-                    deps.add(member if _is_module(member, modules) else source)
-            elif isinstance(node, ast.Import):
-                deps.update(alias.name for alias in node.names)
-        graph[name] = {d for d in deps if d in modules and d != name}
-    return graph
+    """Module -> the package modules it imports."""
+    return {name: imports_of(path.read_text(encoding="utf-8"), name, path.name == "__init__.py", modules)
+            for modules in [_modules()] for name, path in modules.items()}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -87,8 +89,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_the_scan_sees_function_local_imports_and_cycles():
-    graph = import_graph()
-    assert "falcon_ext.cdt_tune" in graph["falcon_ext.cli"]  # imported inside tune_tree()
+    source = "from . import ops\n\ndef f():\n    from .falcon import FalconDrafter\n    import falcon_ext.cdt\n"
+    assert imports_of(source, "falcon_ext.cli", False, _modules()) == {
+        "falcon_ext.ops", "falcon_ext.falcon", "falcon_ext.cdt"}
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
