@@ -273,7 +273,7 @@ def _add_prepare_data(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--eos-token-id", type=int, action="append", help="stop token(s); default: generation_config")
     p.add_argument("--limit", type=int, default=0, help="first N prompts/documents (0 = all)")
-    p.add_argument("--feature-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    p.add_argument("--feature-dtype", choices=targets.DTYPE_NAMES, default="float16")
     p.add_argument("--dtype", default="float32", help="dtype to run the target in")
     p.add_argument("--device", default="cpu", help="cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK")
     p.add_argument("--dist-timeout", type=float, default=1800.0, help="under torchrun: seconds to wait for the "
@@ -312,7 +312,7 @@ def _add_train(sub) -> None:
     p.add_argument("--eval-prompts", nargs="*", default=[], help="prompt files for the final engine evaluation "
                    "(greedy mean accepted tokens)")
     p.add_argument("--eval-max-new-tokens", type=int, default=d.eval_max_new_tokens)
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="drafter dtype")
+    p.add_argument("--dtype", default=d.dtype, choices=targets.DTYPE_NAMES, help="drafter dtype")
     p.add_argument("--device", default=d.device, help="cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK")
     p.add_argument("--resize-world", action="store_true", help="resume a checkpoint written by another number of "
                    "torchrun processes (the same global batch: the same run up to the order of sums)")

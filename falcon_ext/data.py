@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from . import conversations as conv
 from .distributed import World
 from .prompts import encode, encode_sources, record_text, use_chat_template
-from .targets import eos_token_ids
+from .targets import DTYPE_NAMES, eos_token_ids, parse_dtype
 
 FORMAT_VERSION = 2
 
@@ -84,7 +84,7 @@ class DataConfig:
             raise ValueError(f"split must be 'train' or 'heldout', got {self.split!r}")
         if self.source and self.sources:
             raise ValueError("give either a conversation --source or --data files, not both")
-        if self.feature_dtype not in ("float16", "bfloat16", "float32"):
+        if self.feature_dtype not in DTYPE_NAMES:
             raise ValueError(f"feature_dtype must be float16, bfloat16 or float32, got {self.feature_dtype!r}")
         for name in ("shard_size", "batch_size", "max_len"):
             if getattr(self, name) < 1:
@@ -309,7 +309,7 @@ def build_shard(model, items: list[Item], config: DataConfig, seed: int, stops: 
         feats.extend(target_features(model, chunk))
         if progress:
             progress(sum(len(s) for s in chunk))
-    return pack_shard(seqs, masks, feats, getattr(torch, config.feature_dtype))
+    return pack_shard(seqs, masks, feats, parse_dtype(config.feature_dtype))
 
 
 def shard_tokens(path: Path) -> int:

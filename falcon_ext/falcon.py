@@ -26,10 +26,10 @@ from torch import nn
 from . import cdt, checkpoint, ops
 from .checkpoint import check_vocab
 from .drafting import DraftTree
-from .targets import DTYPES, dtype_name
+from .targets import DTYPE_NAMES, DTYPES, dtype_name
 
 # Canonical names only: a checkpoint's dtype and tree keys are written one way.
-_DTYPES = {name: dtype for name, dtype in DTYPES.items() if name == dtype_name(dtype)}
+_DTYPES = {name: DTYPES[name] for name in DTYPE_NAMES}
 
 # The fused draft-step op's weights, in its order (csrc/ops.h names the same slots in its
 # DraftWeight enum). The 2-layer LSTM (PyTorch gate order i, f, g, o; b = b_ih + b_hh):

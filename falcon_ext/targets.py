@@ -18,6 +18,7 @@ EMBEDDED_EOS = {"stories260K": [1, 2]}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the canonical names, as dtype_name writes them
 # /proc/cpuinfo flags that give a CPU native bf16 arithmetic (AVX512-BF16 dot products, AMX tiles).
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
