@@ -27,9 +27,9 @@ import time
 import torch
 import transformers
 
-from falcon_ext import ops
+from falcon_ext import ops, target_io
 from falcon_ext.drafting import DraftTree
-from falcon_ext.generate import DecodeState, _target_io, accept, build_tree, commit, verify
+from falcon_ext.generate import DecodeState, accept, build_tree, commit, verify
 from falcon_ext.sampling import SamplingConfig, warp_probs
 from falcon_ext.targets import load_target
 
@@ -63,7 +63,7 @@ class Step:
     """A target with a PREFIX-token cache, restored after every measured step."""
 
     def __init__(self, model, prefix: int, device: str, seed: int = 0):
-        self.model, self.io = model, _target_io(model)
+        self.model, self.io = model, target_io.for_model(model)
         gen = torch.Generator().manual_seed(seed)
         vocab = self.io.vocab_size
         prompt = torch.randint(3, vocab, (1, prefix), generator=gen).to(device)

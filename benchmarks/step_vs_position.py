@@ -13,7 +13,7 @@ Two views, each against the position P (tokens already in the KV cache):
    off and on: transformers' ``DynamicCache`` (a ``torch.cat`` of the whole cache per update)
    or the engine's ``ReservedCache`` (written in place), and transformers' grouped-query path
    (a copy of the cached K/V per query-head group under a custom mask) or ``enable_gqa``
-   (falcon_ext.generate.grouped_kv_attention).
+   (falcon_ext.target_io.grouped_kv_attention).
 
 Attention reads the whole cache, so its share grows with P while the matmuls' stays put; the
 Falcon drafter's own attention reads its context too. The output starts with the machine's load
@@ -30,13 +30,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from falcon_ext import ops, speculative_generate
+from falcon_ext import ops, speculative_generate, target_io
 from falcon_ext.bench import resolve_drafter
 from falcon_ext.cdt_tune import VerifyTimer, median_seconds
-from falcon_ext.generate import _forward, _target_io, grouped_kv_attention
+from falcon_ext.cli import add_dtype_argument
 from falcon_ext.kv_cache import ReservedCache
+from falcon_ext.target_io import grouped_kv_attention
+from falcon_ext.targets import load_target, resolve_dtype
 from transformers import DynamicCache
-from falcon_ext.targets import add_dtype_argument, load_target, resolve_dtype
 from verify_cost import print_provenance
 
 
@@ -77,7 +78,7 @@ CAUSES = ("DynamicCache", "DynamicCache + enable_gqa", "ReservedCache", "Reserve
 @torch.no_grad()
 def growth_causes(model, positions: list[int], n_nodes: int, rounds: int) -> dict[int, dict[str, float]]:
     """{P: {variant: median seconds of an n_nodes-token chain forward after a P-token cache}}."""
-    io = _target_io(model)
+    io = target_io.for_model(model)
     costs = {}
     for p in positions:
         prefix = torch.randint(3, io.vocab_size, (1, p), generator=torch.Generator().manual_seed(0)).to(io.input_device)
@@ -86,15 +87,15 @@ def growth_causes(model, positions: list[int], n_nodes: int, rounds: int) -> dic
         for variant in CAUSES:
             reserved = variant.startswith("ReservedCache")
             cache = ReservedCache(p + n_nodes) if reserved else DynamicCache()
-            _forward(io, prefix, cache, need_features=False)
+            target_io.forward(io, prefix, cache, need_features=False)
 
             def step():
                 if variant.endswith("enable_gqa"):
                     with grouped_kv_attention(io.input_device):
-                        _forward(io, prefix[:, :n_nodes], cache, need_features=False,
+                        target_io.forward(io, prefix[:, :n_nodes], cache, need_features=False,
                                  attention_mask=mask[None, None], position_ids=position_ids[None])
                 else:
-                    _forward(io, prefix[:, :n_nodes], cache, need_features=False,
+                    target_io.forward(io, prefix[:, :n_nodes], cache, need_features=False,
                              attention_mask=mask[None, None], position_ids=position_ids[None])
                 if reserved:  # drop the tree again, as the engine's commit does
                     cache.keep(p)

@@ -5,9 +5,7 @@
 //   h0, c0 [2, B, H]    LSTM state before the block (per layer)
 //   ctx_k, ctx_v [S, H] attention cache of the settled context (shared by all branches)
 //   br_k, br_v [B, D, H] the branch's earlier drafted blocks
-//   weights: w_ih0 [4H, 2H], w_hh0 [4H, H], b0 [4H], w_ih1 [4H, H], w_hh1 [4H, H], b1 [4H]
-//            (PyTorch gate order i, f, g, o; b = b_ih + b_hh), attn_norm [H], w_qkv [3H, H],
-//            w_o [H, H], mlp_norm [H], w_up [M, H], w_down [H, M]
+//   weights             one per DraftWeight slot (csrc/ops.h), in slot order
 // -> out [B, k, H] predicted features, h, c [2, B, H], block_k, block_v [B, k, H].
 // encode_only: stop after the LSTM and the block's keys/values (settling accepted context
 // positions, whose outputs nobody reads); out is then [B, k, 0].
@@ -32,7 +30,8 @@ DraftStepDims check_draft_step(const at::Tensor& x, const at::Tensor& h0, const 
                                const at::Tensor& br_v, at::TensorList weights, int64_t num_heads, double eps) {
   FALCON_CHECK_DIM(x, 3);
   FALCON_CHECK_FLOAT(x);
-  TORCH_CHECK(weights.size() == 12, "falcon_draft_step needs 12 weight tensors, got ", weights.size());
+  TORCH_CHECK(weights.size() == kNumDraftWeights, "falcon_draft_step needs ", size_t(kNumDraftWeights),
+              " weight tensors, got ", weights.size());
   DraftStepDims d;
   d.B = x.size(0);
   d.k = x.size(1);
@@ -44,8 +43,8 @@ DraftStepDims check_draft_step(const at::Tensor& x, const at::Tensor& h0, const 
   TORCH_CHECK(eps > 0, "eps must be positive, got ", eps);
   d.heads = num_heads;
   d.head_dim = H / num_heads;
-  d.M = weights[10].dim() == 2 ? weights[10].size(0) : -1;
-  TORCH_CHECK(d.M >= 1, "w_up must be [M >= 1, H], got shape ", weights[10].sizes());
+  d.M = weights[kWUp].dim() == 2 ? weights[kWUp].size(0) : -1;
+  TORCH_CHECK(d.M >= 1, "w_up must be [M >= 1, H], got shape ", weights[kWUp].sizes());
   FALCON_CHECK_DIM(ctx_k, 2);
   FALCON_CHECK_DIM(br_k, 3);
   d.S = ctx_k.size(0);
@@ -59,14 +58,19 @@ DraftStepDims check_draft_step(const at::Tensor& x, const at::Tensor& h0, const 
     TORCH_CHECK(t.sizes() == at::IntArrayRef(expected[i].second), names[i], " must have shape ",
                 at::IntArrayRef(expected[i].second), ", got ", t.sizes());
   }
-  const std::vector<std::vector<int64_t>> wshape = {
-      {4 * H, 2 * H}, {4 * H, H}, {4 * H}, {4 * H, H}, {4 * H, H}, {4 * H},
-      {H}, {3 * H, H}, {H, H}, {H}, {d.M, H}, {H, d.M}};
-  const char* wnames[] = {"w_ih0", "w_hh0", "b0", "w_ih1", "w_hh1", "b1",
-                          "attn_norm", "w_qkv", "w_o", "mlp_norm", "w_up", "w_down"};
-  for (size_t i = 0; i < wshape.size(); ++i) {
-    TORCH_CHECK(weights[i].sizes() == at::IntArrayRef(wshape[i]), wnames[i], " must have shape ",
-                at::IntArrayRef(wshape[i]), ", got ", weights[i].sizes());
+  struct WeightShape {
+    DraftWeight slot;
+    const char* name;
+    std::vector<int64_t> shape;
+  };
+  const std::vector<WeightShape> wshapes = {
+      {kWIh0, "w_ih0", {4 * H, 2 * H}}, {kWHh0, "w_hh0", {4 * H, H}}, {kB0, "b0", {4 * H}},
+      {kWIh1, "w_ih1", {4 * H, H}},     {kWHh1, "w_hh1", {4 * H, H}}, {kB1, "b1", {4 * H}},
+      {kAttnNorm, "attn_norm", {H}},    {kWQkv, "w_qkv", {3 * H, H}}, {kWO, "w_o", {H, H}},
+      {kMlpNorm, "mlp_norm", {H}},      {kWUp, "w_up", {d.M, H}},     {kWDown, "w_down", {H, d.M}}};
+  for (const auto& e : wshapes) {
+    TORCH_CHECK(weights[e.slot].sizes() == at::IntArrayRef(e.shape), e.name, " must have shape ",
+                at::IntArrayRef(e.shape), ", got ", weights[e.slot].sizes());
   }
   std::vector<at::Tensor> all = {h0, c0, ctx_k, ctx_v, br_k, br_v};
   all.insert(all.end(), weights.begin(), weights.end());
@@ -204,17 +208,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_dr
   at::Tensor c = c0.to(at::kFloat, false, /*copy=*/true).contiguous();
   at::Tensor h_0 = h[0], c_0 = c[0], h_1 = h[1], c_1 = c[1];
 
-  at::Tensor out0 = lstm_layer(x.to(at::kFloat), w[0], w[1], w[2], h_0, c_0);
-  at::Tensor lstm_out = lstm_layer(out0, w[3], w[4], w[5], h_1, c_1).reshape({B * k, H});
+  at::Tensor out0 = lstm_layer(x.to(at::kFloat), w[kWIh0], w[kWHh0], w[kB0], h_0, c_0);
+  at::Tensor lstm_out = lstm_layer(out0, w[kWIh1], w[kWHh1], w[kB1], h_1, c_1).reshape({B * k, H});
 
   at::Tensor h_out = at::stack({h_0, h_1}).to(dtype), c_out = at::stack({c_0, c_1}).to(dtype);
-  at::Tensor normed = rms_norm(lstm_out, w[6], eps);
+  at::Tensor normed = rms_norm(lstm_out, w[kAttnNorm], eps);
   if (encode_only) {  // settling context: keys/values only, from rows [H, 3H) of w_qkv
-    at::Tensor kv = dense(normed, w[7].narrow(0, H, 2 * H));
+    at::Tensor kv = dense(normed, w[kWQkv].narrow(0, H, 2 * H));
     return {at::empty({B, k, 0}, x.options()), h_out, c_out, own_copy(kv.narrow(1, 0, H), dtype).view({B, k, H}),
             own_copy(kv.narrow(1, H, H), dtype).view({B, k, H})};
   }
-  at::Tensor qkv = dense(normed, w[7]);  // [B*k, 3H]
+  at::Tensor qkv = dense(normed, w[kWQkv]);  // [B*k, 3H]
   at::Tensor q = qkv.narrow(1, 0, H).contiguous();
   // The block's keys/values are returned in the cache dtype, and attended to as stored.
   at::Tensor blk_k = own_copy(qkv.narrow(1, H, H), dtype);
@@ -225,9 +229,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_dr
                         blk_v, attn, d);
   });
 
-  at::Tensor resid = lstm_out + dense(attn, w[8]);
-  at::Tensor up = dense(rms_norm(resid, w[9], eps), w[10]);
-  at::Tensor out = resid + dense(up * at::sigmoid(up), w[11]);
+  at::Tensor resid = lstm_out + dense(attn, w[kWO]);
+  at::Tensor up = dense(rms_norm(resid, w[kMlpNorm], eps), w[kWUp]);
+  at::Tensor out = resid + dense(up * at::sigmoid(up), w[kWDown]);
   return {out.view({B, k, H}).to(dtype), h_out, c_out, blk_k.view({B, k, H}), blk_v.view({B, k, H})};
 }
 

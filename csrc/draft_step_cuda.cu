@@ -300,20 +300,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_dr
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "falcon_draft_step_cuda", [&] {
     using w_t = scalar_t;
     const at::Tensor x2 = xin.view({R, 2 * H});
-    launch_linear<w_t, w_t>(x2, w[0], &w[2], nullptr, nullptr, nullptr, gx, false, stream);
-    launch_lstm<w_t>(gx, w[1], h_init[0], c_0, seq0, B, k, H, stream);
-    launch_linear<float, w_t>(seq0, w[3], &w[5], nullptr, nullptr, nullptr, gx, false, stream);
-    launch_lstm<w_t>(gx, w[4], h_init[1], c_1, seq1, B, k, H, stream);
+    launch_linear<w_t, w_t>(x2, w[kWIh0], &w[kB0], nullptr, nullptr, nullptr, gx, false, stream);
+    launch_lstm<w_t>(gx, w[kWHh0], h_init[0], c_0, seq0, B, k, H, stream);
+    launch_linear<float, w_t>(seq0, w[kWIh1], &w[kB1], nullptr, nullptr, nullptr, gx, false, stream);
+    launch_lstm<w_t>(gx, w[kWHh1], h_init[1], c_1, seq1, B, k, H, stream);
 
     launch_rms(seq1, scale, eps, stream);
     if (encode_only) {  // settling context: keys/values only, from rows [H, 3H) of w_qkv
       at::Tensor kv = at::empty({R, 2 * H}, f32);
-      launch_linear<float, w_t>(seq1, w[7].narrow(0, H, 2 * H), nullptr, &scale, &w[6], nullptr, kv, false, stream);
+      launch_linear<float, w_t>(seq1, w[kWQkv].narrow(0, H, 2 * H), nullptr, &scale, &w[kAttnNorm], nullptr, kv, false, stream);
       blk_k = kv.narrow(1, 0, H).to(dtype, false, /*copy=*/true).contiguous();
       blk_v = kv.narrow(1, H, H).to(dtype, false, /*copy=*/true).contiguous();
       return;
     }
-    launch_linear<float, w_t>(seq1, w[7], nullptr, &scale, &w[6], nullptr, qkv, false, stream);
+    launch_linear<float, w_t>(seq1, w[kWQkv], nullptr, &scale, &w[kAttnNorm], nullptr, qkv, false, stream);
     // The block's keys/values are returned in the cache dtype and attended to as stored.
     blk_k = qkv.narrow(1, H, H).to(dtype, false, /*copy=*/true).contiguous();  // never aliases qkv or blk_v
     blk_v = qkv.narrow(1, 2 * H, H).to(dtype, false, /*copy=*/true).contiguous();
@@ -327,10 +327,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_dr
     attention_kernel<w_t><<<dim3(d.heads, B), kAttnThreads, smem, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    launch_linear<float, w_t>(attn, w[8], nullptr, nullptr, nullptr, &seq1, resid, false, stream);
+    launch_linear<float, w_t>(attn, w[kWO], nullptr, nullptr, nullptr, &seq1, resid, false, stream);
     launch_rms(resid, scale, eps, stream);
-    launch_linear<float, w_t>(resid, w[10], nullptr, &scale, &w[9], nullptr, up, true, stream);
-    launch_linear<float, w_t>(up, w[11], nullptr, nullptr, nullptr, &resid, out, false, stream);
+    launch_linear<float, w_t>(resid, w[kWUp], nullptr, &scale, &w[kMlpNorm], nullptr, up, true, stream);
+    launch_linear<float, w_t>(up, w[kWDown], nullptr, nullptr, nullptr, &resid, out, false, stream);
   });
   // Final hidden states: each layer's output at the block's last position.
   const at::Tensor h_last = at::stack({seq0.view({B, k, H}).select(1, k - 1), seq1.view({B, k, H}).select(1, k - 1)});

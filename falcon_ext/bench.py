@@ -17,8 +17,6 @@ methods also get a per-stage step-time breakdown. Results go to OUT/bench.json, 
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +25,16 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from . import bench_report
 from . import prompts as prompt_sets
+from .cdt_tune import measured_tree
+from .checkpoint import drafter_dir
 from .divergence import classify
 from .drafting import DraftTree
+from .evaluate import load_drafter
 from .generate import speculative_generate
 from .prompt_lookup import PromptLookupDrafter
-from .targets import add_dtype_argument
+from .targets import dtype_name, eos_token_ids, load_target, resolve_dtype
 
 METHODS = ("generate", "ar", "spec", "pld", "assisted")
 WARMUP_TOKENS = 8
@@ -145,13 +147,6 @@ def resolve_drafter(name: str, model, target_name: str, lookup_tokens: int = 10,
         if tree_size:
             raise ValueError("--tree-size applies to Falcon drafters, not to --drafter lookup")
         return PromptLookupDrafter(num_tokens=lookup_tokens, max_branches=lookup_branches)
-    try:
-        from .evaluate import load_drafter, measured_tree  # Falcon drafter loading lives with training
-    except ImportError as error:
-        raise ValueError(f"drafter {name!r} needs the Falcon drafter modules, which this install lacks "
-                         f"({error}); use --drafter lookup") from None
-    from .checkpoint import drafter_dir
-
     if name == "falcon":
         name = Path(target_name.rstrip("/")).name.removesuffix(".gguf")
     drafter = load_drafter(name, model).eval()
@@ -160,16 +155,9 @@ def resolve_drafter(name: str, model, target_name: str, lookup_tokens: int = 10,
     return drafter
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-
-
 def build_methods(args, model, tokenizer, counter) -> tuple[list[Method], dict[str, str]]:
     """The methods to run, and a note for each requested one that cannot run."""
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_token_ids(model, tokenizer)
     pad = model.generation_config.pad_token_id
     setup = Setup(model, counter, eos, pad if pad is not None else (eos[0] if eos else 0),
                   args.temperature, args.top_k, args.top_p, not args.no_breakdown, args.fp32_lm_head)
@@ -193,8 +181,6 @@ def build_methods(args, model, tokenizer, counter) -> tuple[list[Method], dict[s
             methods.append(setup.hf_method(key, f"HF prompt lookup ({args.pld_tokens})",
                                            prompt_lookup_num_tokens=args.pld_tokens))
         elif key == "assisted" and args.assistant:
-            from .targets import load_target
-
             assistant, _ = load_target(args.assistant, dtype=model.dtype, device=str(model.device))
             methods.append(setup.hf_method(key, f"HF assisted ({Path(args.assistant).name})", assistant_model=assistant))
         elif key == "assisted":
@@ -202,9 +188,9 @@ def build_methods(args, model, tokenizer, counter) -> tuple[list[Method], dict[s
     return methods, skipped
 
 
-def encode_prompts(args, model, tokenizer) -> tuple[list[prompt_sets.Prompt], list[torch.Tensor], int]:
+def bench_inputs(args, model, tokenizer) -> tuple[list[prompt_sets.Prompt], list[torch.Tensor], int]:
     """The selected prompts, their ids on the model's device, and how many were cut to fit."""
-    chosen = prompt_sets.select(prompt_sets.load_prompt_set(args.prompts), args.num_prompts)
+    chosen = prompt_sets.select(prompt_sets.load_sources([args.prompts]), args.num_prompts)
     use_template = prompt_sets.use_chat_template(tokenizer, args.chat_template)
     limit = args.max_prompt_tokens or None
     positions = getattr(model.config, "max_position_embeddings", None)
@@ -251,65 +237,11 @@ def classify_divergences(model, records: list[dict], ids_list: list[torch.Tensor
             r["divergence"] = found.to_dict()
 
 
-def add_bench_parser(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="end-to-end speed: model.generate vs falcon_ext vs transformers' "
-                                            "speculative methods, interleaved in one run",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", default="stories260K",
-                   help="embedded model name, SmolLM2-135M-Instruct, an HF folder or a .gguf file")
-    p.add_argument("--drafter", default="lookup",
-                   help="lookup, falcon (the drafter shipped for the target), or a Falcon drafter folder/name")
-    p.add_argument("--prompts", default="mt-bench", help=f"one of {', '.join(prompt_sets.NAMED_SETS)}, "
-                                                         "or a JSONL/text file")
-    p.add_argument("--num-prompts", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--max-prompt-tokens", type=int, default=0,
-                   help="cut longer prompts from the start (0: only to fit the model's positions)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (outputs checked against (a))")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
-                   help="wrap each prompt as a user turn (auto: when the tokenizer has a template)")
-    p.add_argument("--methods", default=",".join(METHODS), type=_method_list,
-                   help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--lookup-tokens", type=int, default=10, help="tokens per continuation of --drafter lookup")
-    p.add_argument("--lookup-branches", type=int, default=1,
-                   help="continuations merged into one tree by --drafter lookup (1: a chain, like transformers')")
-    p.add_argument("--tree-size", type=int, default=0,
-                   help="Falcon drafter: draft with its best N-node measured tree (cdt_measurement.json) instead "
-                        "of the tree it stores for this device (0)")
-    p.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for method pld")
-    p.add_argument("--assistant", default=None, help="assistant model (HF folder) for method assisted")
-    add_dtype_argument(p)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--fp32-lm-head", action="store_true",
-                   help="engine methods choose tokens from float32 logits (the LM head upcast on the target's "
-                        "features); transformers' methods are unchanged")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
-    p.add_argument("--no-breakdown", action="store_true",
-                   help="skip the per-stage timing of the engine methods (on CUDA it synchronises per stage)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench-out", help="folder for bench.json, bench.md, bench.png")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run_bench)
-
-
-def _method_list(text: str) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown or not methods:
-        raise argparse.ArgumentTypeError(f"methods must be a comma-separated subset of {METHODS}, got {text!r}")
-    return [m for m in METHODS if m in methods]  # canonical order: the baselines first
-
-
 def run_bench(args) -> int:
-    from . import bench_report
-    from .targets import dtype_name, load_target, resolve_dtype
-
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_target(args.target, dtype=resolve_dtype(args.dtype, args.device), device=args.device)
-    chosen, ids_list, cut = encode_prompts(args, model, tokenizer)
+    chosen, ids_list, cut = bench_inputs(args, model, tokenizer)
     counter = ForwardCounter(model)
     methods, skipped = build_methods(args, model, tokenizer, counter)
     records = measure(methods, chosen, ids_list, args.max_new_tokens, args.seed, not args.no_progress)
@@ -321,14 +253,3 @@ def run_bench(args) -> int:
     print("wrote " + ", ".join(str(p) for p in paths))
     unexplained = [r for r in records if r.get("divergence") and not r["divergence"]["explained"]]
     return 1 if unexplained else 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="falcon-ext")
-    add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,7 @@ is drafted by pass (d-1)//k, position (d-1)%k: one drafter forward yields the k 
 of a whole block, so all nodes of a block that share the block's start node read the same k
 distributions. A node at depth p*k with children starts a *branch* of pass p: the k nodes of
 its block (with the features that predicted them) are the next forward's input, and the
-branches of a pass run as one batch. ``falcon_ext.cdt_tune`` derives a tree from measured
+branches of a pass run as one batch. ``falcon_ext.cdt_tune`` (``falcon-ext tune-tree``) derives a tree from measured
 acceptance; ``chain(n)`` is the top-1 path used when nothing was measured.
 """
 from __future__ import annotations
@@ -15,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from .drafting import DraftTree
 
 
 def chain(depth: int) -> list[list[int]]:
@@ -141,32 +139,3 @@ class DraftContext:
         self.values[self.length:need] = v
         self.length = need
 
-
-def propose(drafter, ctx: DraftContext) -> DraftTree:
-    """Run the plan's passes and return the draft tree (tokens[0] = the next token)."""
-    if ctx.next_token is None:
-        raise RuntimeError("propose() before extend(): the drafter has no context")
-    plan, k = drafter.plan, drafter.config.k
-    device = ctx.pending.device
-    root = torch.tensor([ctx.next_token], dtype=torch.long, device=device)
-    if ctx.pending.shape[0] < k:  # fewer than k context positions: nothing to draft from yet
-        return DraftTree(root, torch.tensor([-1], dtype=torch.long, device=device))
-    idx = plan.tensors(device)
-    node_tokens = [root]
-    H = drafter.config.hidden_size
-    x, state = ctx.pending[None], ctx.state
-    br_k = br_v = ctx.keys.new_empty(1, 0, H)
-    ctx_k, ctx_v = ctx.keys[:ctx.length], ctx.values[:ctx.length]
-    head = drafter.draft_head()
-    for p in range(plan.num_passes):
-        if p > 0:
-            pb = idx["parent_branch"][p]
-            block_tokens = torch.cat(node_tokens)[idx["block_nodes"][p]]  # [B, k]
-            x = drafter.pair_inputs(out.index_select(0, pb), block_tokens)
-            state = state.select(pb)
-            br_k = torch.cat([br_k, bk], dim=1).index_select(0, pb)
-            br_v = torch.cat([br_v, bv], dim=1).index_select(0, pb)
-        out, state, bk, bv = drafter.draft_step(x, state, ctx_k, ctx_v, br_k, br_v)
-        top = head.tokens(head.logits(out).topk(plan.topk[p], dim=-1).indices)  # [B, k, K] token ids
-        node_tokens.append(top.reshape(-1)[idx["gather"][p]])
-    return DraftTree(torch.cat(node_tokens), idx["parents"])

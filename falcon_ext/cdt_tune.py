@@ -14,15 +14,14 @@
    most tokens per second: (1 + accepted(N)) / (t_draft(N) + t_verify(N + 1)). Extending the
    drafter and the verify/compaction ops cost about the same for every N and are left out.
 
-CLI: ``python -m falcon_ext.cdt_tune --drafter DIR --target NAME --prompts FILE.jsonl`` writes
+``tune`` (CLI: ``falcon-ext tune-tree --drafter DIR --target NAME --prompts FILE.jsonl``) writes
 the chosen tree into DIR/config.json under ``trees["<device type>-<dtype>"]`` (the device and
 target dtype it measured, e.g. ``cpu-bfloat16``) and the measurements into
-DIR/cdt_measurement.json. Prompts are encoded by ``evaluate.encode_prompts``, as eval-drafter
-encodes them (a user turn through the chat template when the tokenizer has one).
+DIR/cdt_measurement.json. Prompts are read and encoded by ``prompts.encode_sources``, as
+eval-drafter encodes them (a user turn through the chat template when the tokenizer has one).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -33,10 +32,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import ops
-from .generate import TREE_ROOM, TargetIO, _forward, _target_io, grouped_kv_attention
+from . import ops, target_io
+from .evaluate import load_drafter
+from .falcon import FalconDrafter, Passes, tree_key
+from .generate import TREE_ROOM
 from .kv_cache import ReservedCache
-from .targets import add_dtype_argument
+from .prompts import encode_sources
+from .target_io import TargetIO
+from .targets import dtype_name, eos_token_ids
 
 SIZES = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
 
@@ -64,23 +67,20 @@ def measure_ranks(drafter, target, prompts: list[torch.Tensor], *, max_new_token
 
 def _chain_ranks(drafter, truth: torch.Tensor, passes: int, max_rank: int):
     """Ranks of ``truth`` (depths 1..passes*k) running the drafter's passes along it."""
-    ctx, k = drafter.context, drafter.config.k
-    if ctx.pending.shape[0] < k:
+    k = drafter.config.k
+    if drafter.context.pending.shape[0] < k:
         return None
-    x, state = ctx.pending[None], ctx.state
-    br_k = br_v = ctx.keys.new_empty(1, 0, drafter.config.hidden_size)
+    loop = Passes(drafter, drafter.context)
     head = drafter.draft_head()
     ranks = []
     for p in range(passes):
-        out, state, bk, bv = drafter.draft_step(x, state, ctx.keys[:ctx.length], ctx.values[:ctx.length], br_k, br_v)
-        logits = head.logits(out)[0].float()  # [k, draft vocabulary]
         block = truth[p * k:(p + 1) * k]
+        logits = head.logits(loop.step())[0].float()  # [k, draft vocabulary]
         rows = head.rows(block)
         true_logit = logits.gather(1, rows.clamp(min=0)[:, None])
         rank = (logits > true_logit).sum(1).masked_fill(rows < 0, max_rank)  # never proposed: a miss
         ranks += rank.clamp(max=max_rank).tolist()
-        x = drafter.pair_inputs(out, block[None])
-        br_k, br_v = torch.cat([br_k, bk], 1), torch.cat([br_v, bv], 1)
+        loop.feed(block[None])
     return ranks
 
 
@@ -99,6 +99,18 @@ def best_trees(rates: dict[tuple[int, ...], float], sizes=SIZES) -> dict[int, li
     """For each size N: the N most often accepted nodes (ties: shallower first, so prefix-closed)."""
     order = sorted(rates, key=lambda p: (-rates[p], len(p), p))
     return {n: [list(p) for p in order[:n]] for n in sizes if n <= len(order)}
+
+
+def measured_tree(folder: Path, size: int) -> list[list[int]]:
+    """The ``size`` most often accepted nodes recorded by ``tune`` for this drafter (its cdt_measurement.json)."""
+    path = Path(folder) / "cdt_measurement.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `falcon-ext tune-tree --drafter {folder} ...` first")
+    rates = {tuple(int(r) for r in key.split(",")): v for key, v in json.loads(path.read_text())["node_rates"].items()}
+    trees = best_trees(rates, sizes=(size,))
+    if size not in trees:
+        raise ValueError(f"{path} records only {len(rates)} nodes; ask for a tree of at most that many")
+    return trees[size]
 
 
 def expected_accepted(tree: list[list[int]], rates) -> float:
@@ -131,11 +143,11 @@ class VerifyTimer:
     @classmethod
     @torch.no_grad()
     def for_target(cls, target, prefix_len: int = 128) -> "VerifyTimer":
-        io = _target_io(target)
+        io = target_io.for_model(target)
         prefix = torch.randint(3, io.vocab_size, (1, prefix_len), device=io.input_device,
                                generator=torch.Generator(io.input_device).manual_seed(0))
         cache = ReservedCache(prefix_len + 2 * TREE_ROOM)
-        _, features = _forward(io, prefix, cache, need_features=True)
+        _, features = target_io.forward(io, prefix, cache, need_features=True)
         return cls(io, prefix, cache, features)
 
     @torch.no_grad()
@@ -144,9 +156,9 @@ class VerifyTimer:
         prefix_len = self.prefix.shape[1]
         parents = torch.arange(-1, n_nodes - 1, device=self.io.input_device)
         mask, positions, _ = ops.tree_build(parents, prefix_len, self.io.dtype)
-        with grouped_kv_attention(self.io.input_device):  # the engine's verify forward
-            _forward(self.io, self.prefix[:, :n_nodes], self.cache, need_features=True,
-                     attention_mask=mask[None, None], position_ids=positions[None])
+        with target_io.grouped_kv_attention(self.io.input_device):  # the engine's verify forward
+            target_io.forward(self.io, self.prefix[:, :n_nodes], self.cache, need_features=True,
+                              attention_mask=mask[None, None], position_ids=positions[None])
         self.cache.keep(prefix_len)  # drop the tree again, as the engine's commit does
 
     def seconds(self, n_nodes: int, rounds: int) -> float:
@@ -189,51 +201,34 @@ def choose(trees, rates, costs) -> tuple[TreeChoice, list[TreeChoice]]:
     return max(options, key=lambda o: o.tokens_per_second), options
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--drafter", required=True, help="FalconDrafter checkpoint folder (updated in place)")
-    p.add_argument("--target", required=True, help="target name or folder (falcon_ext.targets.load_target)")
-    p.add_argument("--prompts", nargs="+", required=True,
-                   help="held-out prompts: named sets, JSONL/text files or folders (as eval-drafter reads them)")
-    p.add_argument("--device", default="cpu")
-    add_dtype_argument(p)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--passes", type=int, default=4, help="deepest tree considered, in drafter passes")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
-    args = p.parse_args(argv)
-    from .evaluate import encode_prompts, load_drafter
-    from .falcon import FalconDrafter, tree_key
-    from .targets import dtype_name, load_target, resolve_dtype
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    target, tokenizer = load_target(args.target, resolve_dtype(args.dtype, args.device), args.device)
+def tune(drafter_folder: str, target, tokenizer, prompts: list[str], *, max_new_tokens: int = 128,
+         passes: int = 4) -> TreeChoice:
+    """Measures the drafter in ``drafter_folder`` on ``target`` (on its device and in its dtype)
+    and the held-out ``prompts`` (sources as eval-drafter reads them), writes the chosen tree into
+    the folder's config.json as ``trees["<device type>-<dtype>"]`` and the measurements into its
+    cdt_measurement.json, prints the options; returns the choice."""
     # Measured as the engine's CLI tools run it (in the target's dtype); the checkpoint keeps its own.
-    drafter = load_drafter(args.drafter, target)
-    eos = getattr(target.generation_config, "eos_token_id", None)
-    prompts = [torch.tensor(ids) for ids in encode_prompts(tokenizer, args.prompts)]
-    ranks = measure_ranks(drafter, target, prompts, max_new_tokens=args.max_new_tokens, passes=args.passes,
-                          eos_token_id=eos)
+    drafter = load_drafter(drafter_folder, target)
+    ids = [torch.tensor(p) for p in encode_sources(tokenizer, prompts)]
+    ranks = measure_ranks(drafter, target, ids, max_new_tokens=max_new_tokens, passes=passes,
+                          eos_token_id=eos_token_ids(target) or None)
     rates = node_rates(ranks)
     trees = best_trees(rates)
     costs = measure_costs(drafter, target, trees)
     best, options = choose(trees, rates, costs)
     weight = target.get_input_embeddings().weight
     key = tree_key(weight.device.type, weight.dtype)
-    stored = FalconDrafter.from_pretrained(args.drafter, target=target)
+    stored = FalconDrafter.from_pretrained(drafter_folder, target=target)
     stored.config.trees[key] = best.tree
-    stored.save_pretrained(args.drafter)
+    stored.save_pretrained(drafter_folder)
     report = {"device": weight.device.type, "dtype": dtype_name(weight.dtype), "tree_key": key,
               "steps_measured": len(ranks), "chosen": asdict(best),
               "options": [{k: v for k, v in asdict(o).items() if k != "tree"} for o in options],
               "node_rates": {",".join(map(str, k)): v for k, v in sorted(rates.items(), key=lambda kv: -kv[1])[:128]}}
-    (Path(args.drafter) / "cdt_measurement.json").write_text(json.dumps(report, indent=1) + "\n")
+    (Path(drafter_folder) / "cdt_measurement.json").write_text(json.dumps(report, indent=1) + "\n")
     for o in options:
         print(f"N={o.size:3d} tokens/step={o.expected_tokens:.3f} draft ms={o.draft_seconds * 1e3:.2f} "
               f"verify ms={o.verify_seconds * 1e3:.2f} tokens/s={o.tokens_per_second:.1f}")
     print(f"chosen for {key}: N={best.size} ({best.expected_tokens:.2f} tokens/step, "
-          f"{best.tokens_per_second:.1f} tokens/s predicted); written to {args.drafter} as trees[{key!r}]")
-
-
-if __name__ == "__main__":
-    main()
+          f"{best.tokens_per_second:.1f} tokens/s predicted); written to {drafter_folder} as trees[{key!r}]")
+    return best

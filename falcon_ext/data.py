@@ -44,10 +44,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import conversations as conv
 from .distributed import World
+from .prompts import encode, encode_sources, record_text, use_chat_template
+from .targets import DTYPE_NAMES, eos_token_ids, parse_dtype
 
 FORMAT_VERSION = 2
-PROMPT_KEYS = ("turns", "question", "prompt", "instruction", "text")
 
 
 @dataclass
@@ -82,14 +84,14 @@ class DataConfig:
             raise ValueError(f"split must be 'train' or 'heldout', got {self.split!r}")
         if self.source and self.sources:
             raise ValueError("give either a conversation --source or --data files, not both")
-        if self.feature_dtype not in ("float16", "bfloat16", "float32"):
+        if self.feature_dtype not in DTYPE_NAMES:
             raise ValueError(f"feature_dtype must be float16, bfloat16 or float32, got {self.feature_dtype!r}")
         for name in ("shard_size", "batch_size", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-# ---------------------------------------------------------------- reading prompts and text
+# ---------------------------------------------------------------- reading documents
 
 def _files(source: str) -> list[Path]:
     path = Path(source)
@@ -100,35 +102,10 @@ def _files(source: str) -> list[Path]:
     return [path]
 
 
-def _record_prompt(record: dict, where: str) -> str:
-    for key in PROMPT_KEYS:
-        if key in record:
-            value = record[key]
-            # Multi-turn records: only the first turn is a prompt; later turns refer to answers.
-            return value[0] if isinstance(value, list) else value
-    raise ValueError(f"{where}: a JSONL record needs one of the keys {PROMPT_KEYS}, has {sorted(record)}")
-
-
 def _split_text(text: str) -> list[str]:
     """Documents in a text file: separated by <|endoftext|> when present, else the whole file."""
     parts = text.split("<|endoftext|>") if "<|endoftext|>" in text else [text]
     return [p.strip() for p in parts if p.strip()]
-
-
-def load_prompts(sources: list[str]) -> list[str]:
-    """Prompts from JSONL files (first of turns / question / prompt / instruction / text),
-    text files (one document each, split on <|endoftext|>) or folders of those."""
-    prompts = []
-    for source in sources:
-        for path in _files(source):
-            if path.suffix == ".jsonl":
-                with open(path, encoding="utf-8") as f:
-                    for n, line in enumerate(f, 1):
-                        if line.strip():
-                            prompts.append(_record_prompt(json.loads(line), f"{path}:{n}"))
-            else:
-                prompts.extend(_split_text(path.read_text(encoding="utf-8")))
-    return prompts
 
 
 def load_texts(sources: list[str]) -> list[str]:
@@ -144,31 +121,20 @@ def load_texts(sources: list[str]) -> list[str]:
                     if not line.strip():
                         continue
                     record = json.loads(line)
-                    text = record.get("text") or _record_prompt(record, f"{path}:{n}")
+                    text = record.get("text") or record_text(record, f"{path}:{n}")
                     if "answer" in record:
                         text = f"{text}\n{record['answer']}"
                     texts.append(text)
     return texts
 
 
-# ---------------------------------------------------------------- tokenising
-
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a prompt: through the chat template when the tokenizer has one."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    return tokenizer(prompt).input_ids
-
+# ---------------------------------------------------------------- stop tokens
 
 def stop_ids(model, config: DataConfig) -> list[int]:
-    if config.eos_token_ids:
-        return list(config.eos_token_ids)
-    eos = model.generation_config.eos_token_id
-    if eos is None:
+    stops = list(config.eos_token_ids) or eos_token_ids(model)
+    if not stops:
         raise ValueError("the model has no eos_token_id in its generation_config: pass eos_token_ids")
-    return [eos] if isinstance(eos, int) else list(eos)
+    return stops
 
 
 # ---------------------------------------------------------------- running the target
@@ -270,8 +236,6 @@ class Item:
 
 
 def _conversation_items(tokenizer, config: DataConfig) -> tuple[list[Item], dict]:
-    from . import conversations as conv
-
     found, report = conv.read_conversations(config.source)
     kept = conv.filter_conversations(found, report, conv.eval_prompt_keys(config.exclude), config.english_only)
     order = conv.shuffled(kept, config.seed)
@@ -281,7 +245,8 @@ def _conversation_items(tokenizer, config: DataConfig) -> tuple[list[Item], dict
     items, skipped = [], 0
     for c in chosen:
         if config.mode == "self_distill":
-            ids = encode_prompt(tokenizer, c.first_user_turn())[: config.max_len - 1]
+            ids = encode(tokenizer, c.first_user_turn(), use_chat_template(tokenizer), None)[0][0].tolist()
+            ids = ids[: config.max_len - 1]
             items.append(Item(ids, [0] * len(ids)))
             continue
         encoded = conv.tokenize_conversation(tokenizer, c, config.max_len)
@@ -305,11 +270,13 @@ def _work_items(tokenizer, config: DataConfig) -> tuple[list[Item], dict]:
         return _conversation_items(tokenizer, config)
     if config.mode == "self_distill":
         # No sources: `limit` unconditional samples (the prompt is just what encoding "" gives, e.g. BOS).
-        prompts = load_prompts(config.sources) if config.sources else [""] * config.limit
-        prompts = prompts[: config.limit] if config.limit else prompts
+        if config.sources:
+            prompts = encode_sources(tokenizer, config.sources, config.limit)
+        else:
+            prompts = [encode(tokenizer, "", use_chat_template(tokenizer), None)[0][0].tolist()] * config.limit
         items = []
-        for p in prompts:
-            ids = encode_prompt(tokenizer, p)[: config.max_len - 1]
+        for ids in prompts:
+            ids = ids[: config.max_len - 1]
             items.append(Item(ids, [0] * len(ids)))
         return items, {}
     texts = load_texts(config.sources)
@@ -342,7 +309,7 @@ def build_shard(model, items: list[Item], config: DataConfig, seed: int, stops: 
         feats.extend(target_features(model, chunk))
         if progress:
             progress(sum(len(s) for s in chunk))
-    return pack_shard(seqs, masks, feats, getattr(torch, config.feature_dtype))
+    return pack_shard(seqs, masks, feats, parse_dtype(config.feature_dtype))
 
 
 def shard_tokens(path: Path) -> int:

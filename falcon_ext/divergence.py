@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import DynamicCache
 
-from .generate import _target_io
+from . import target_io
 
 # lam of rounding_tolerance: how many standard deviations of accumulated rounding count as a tie.
 CONFIDENCE = 4.0
@@ -137,7 +137,7 @@ def multi_token_logits(model, prompt: torch.Tensor, generated: list[int], positi
     (``position`` 0: the prompt in one forward, as both the engine and generate prefill it)."""
     ids = torch.cat([prompt[0], torch.tensor(generated[:position], dtype=prompt.dtype, device=prompt.device)])
     split = prompt.shape[1] + start if start < position else 0
-    cache = {_target_io(model).cache_kwarg: DynamicCache()}
+    cache = {target_io.for_model(model).cache_kwarg: DynamicCache()}
     if split:
         model(ids[None, :split], use_cache=True, **cache)
     out = model(ids[None, split:], use_cache=True, output_hidden_states=True, **cache)

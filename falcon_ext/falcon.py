@@ -23,12 +23,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, cdt
+from . import cdt, checkpoint, ops
+from .checkpoint import check_vocab
 from .drafting import DraftTree
-from .targets import DTYPES, dtype_name
+from .targets import DTYPE_NAMES, DTYPES, dtype_name
 
 # Canonical names only: a checkpoint's dtype and tree keys are written one way.
-_DTYPES = {name: dtype for name, dtype in DTYPES.items() if name == dtype_name(dtype)}
+_DTYPES = {name: DTYPES[name] for name in DTYPE_NAMES}
+
+# The fused draft-step op's weights, in its order (csrc/ops.h names the same slots in its
+# DraftWeight enum). The 2-layer LSTM (PyTorch gate order i, f, g, o; b = b_ih + b_hh):
+# w_ih0 [4H, 2H], w_hh0 [4H, H], b0 [4H], w_ih1 [4H, H], w_hh1 [4H, H], b1 [4H]; attention:
+# attn_norm [H], w_qkv [3H, H], w_o [H, H]; MLP: mlp_norm [H], w_up [M, H], w_down [H, M].
+FUSED_WEIGHTS = ["w_ih0", "w_hh0", "b0", "w_ih1", "w_hh1", "b1", "attn_norm", "w_qkv", "w_o", "mlp_norm", "w_up",
+                 "w_down"]
 
 
 @dataclass
@@ -173,18 +181,6 @@ class DraftHead:
         return rows if self.vocab is None else self.vocab[rows]
 
 
-def check_vocab(token_ids, vocab_size: int) -> torch.Tensor:
-    """``token_ids`` as int64 if they are a non-empty, strictly increasing 1-D list of ids < vocab_size."""
-    ids = torch.as_tensor(token_ids)
-    if ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise ValueError(f"a draft vocabulary must be a non-empty 1-D tensor of token ids, got "
-                         f"{ids.dtype} of shape {list(ids.shape)}")
-    ids = ids.long()
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size or (ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all())):
-        raise ValueError(f"a draft vocabulary must hold sorted, distinct token ids in [0, {vocab_size})")
-    return ids
-
-
 def relaxed_block_mask(length: int, k: int, block_offset: int = 0, device=None) -> torch.Tensor:
     """[T, T] bool, True where query i may see key j: block(j) <= block(i), block(i) = floor((i - o) / k)."""
     if not 0 <= block_offset < k:
@@ -204,10 +200,50 @@ class LSTMState:
         return LSTMState(self.h.index_select(1, index), self.c.index_select(1, index))
 
 
+class Passes:
+    """The drafter's pass loop over a context, one ``step`` per pass: the one loop that decoding
+    (``FalconDrafter.propose``), tree tuning (``cdt_tune``) and training's chain acceptance run.
+
+    Pass 0 drafts a block of k positions from the context's k pending positions. Every later pass
+    drafts from the previous pass's blocks, after ``feed`` names the tokens chosen for them (and,
+    for a tree, which branches continue): position i of a block is the pair (its predicted
+    feature, the token chosen at i). Every branch attends to the settled context and to its own
+    earlier blocks.
+    """
+
+    def __init__(self, drafter: "FalconDrafter", ctx: cdt.DraftContext):
+        if ctx.pending.shape[0] < drafter.config.k:
+            raise ValueError(f"drafting needs {drafter.config.k} pending context positions, the context has "
+                             f"{ctx.pending.shape[0]}")
+        self.drafter = drafter
+        self.x, self.state = ctx.pending[None], ctx.state
+        self.br_k = self.br_v = ctx.keys.new_empty(1, 0, drafter.config.hidden_size)
+        self.ctx_k, self.ctx_v = ctx.keys[:ctx.length], ctx.values[:ctx.length]
+        self.out = self.block_k = self.block_v = None
+
+    def step(self) -> torch.Tensor:
+        """Runs the next pass: its predicted features [B, k, H], one block per branch."""
+        self.out, self.state, self.block_k, self.block_v = self.drafter.draft_step(
+            self.x, self.state, self.ctx_k, self.ctx_v, self.br_k, self.br_v)
+        return self.out
+
+    def feed(self, block_tokens: torch.Tensor, branches: torch.Tensor | None = None) -> None:
+        """The next pass's input: ``block_tokens`` [B', k] chosen for the blocks of the last pass's
+        branches ``branches`` [B'] (a branch may continue several times or not at all; None: each
+        branch once, in order)."""
+        out, state = self.out, self.state
+        br_k, br_v = torch.cat([self.br_k, self.block_k], dim=1), torch.cat([self.br_v, self.block_v], dim=1)
+        if branches is not None:
+            out, state = out.index_select(0, branches), state.select(branches)
+            br_k, br_v = br_k.index_select(0, branches), br_v.index_select(0, branches)
+        self.x, self.state, self.br_k, self.br_v = self.drafter.pair_inputs(out, block_tokens), state, br_k, br_v
+
+
 class FalconDrafter(nn.Module):
     """The Falcon drafting head for one target model; also the engine's Drafter (reset/extend/propose)."""
 
     needs_features = True
+    config_class = FalconDrafterConfig  # what ``checkpoint.load`` reads config.json into
 
     def __init__(self, config: FalconDrafterConfig, target: nn.Module):
         super().__init__()
@@ -323,8 +359,6 @@ class FalconDrafter(nn.Module):
     def encode(self, x: torch.Tensor, state: LSTMState):
         """Settle context positions: LSTM from ``state`` over x [1, L, 2H] -> (K [L, H], V [L, H], new state)."""
         if self.use_fused:
-            from . import ops
-
             empty = x.new_empty(0, self.config.hidden_size)
             _, h, c, k, v = ops.falcon_draft_step(x, state.h, state.c, empty, empty, empty[None], empty[None],
                                                   self.fused_weights(), self.config.num_heads,
@@ -356,20 +390,19 @@ class FalconDrafter(nn.Module):
         """:meth:`draft_block` through the fused C++/CUDA op when available (same contract)."""
         if not self.use_fused:
             return self.draft_block(x, state, ctx_k, ctx_v, br_k, br_v)
-        from . import ops
-
         out, h, c, bk, bv = ops.falcon_draft_step(x, state.h, state.c, ctx_k, ctx_v, br_k, br_v,
                                                   self.fused_weights(), self.config.num_heads,
                                                   self.config.rms_norm_eps)
         return out, LSTMState(h, c), bk, bv
 
     def fused_weights(self) -> list[torch.Tensor]:
-        """Weights in the fused op's order (LSTM biases pre-summed)."""
+        """Weights in the fused op's order, ``FUSED_WEIGHTS`` (LSTM biases pre-summed)."""
         L = self.lstm
-        return [L.weight_ih_l0, L.weight_hh_l0, L.bias_ih_l0 + L.bias_hh_l0,
-                L.weight_ih_l1, L.weight_hh_l1, L.bias_ih_l1 + L.bias_hh_l1,
-                self.attn_norm.weight, self.qkv.weight, self.o_proj.weight,
-                self.mlp_norm.weight, self.up.weight, self.down.weight]
+        named = {"w_ih0": L.weight_ih_l0, "w_hh0": L.weight_hh_l0, "b0": L.bias_ih_l0 + L.bias_hh_l0,
+                 "w_ih1": L.weight_ih_l1, "w_hh1": L.weight_hh_l1, "b1": L.bias_ih_l1 + L.bias_hh_l1,
+                 "attn_norm": self.attn_norm.weight, "w_qkv": self.qkv.weight, "w_o": self.o_proj.weight,
+                 "mlp_norm": self.mlp_norm.weight, "w_up": self.up.weight, "w_down": self.down.weight}
+        return [named[name] for name in FUSED_WEIGHTS]
 
     # ---- Drafter protocol (falcon_ext.drafting) ----
     def reset(self) -> None:
@@ -381,7 +414,24 @@ class FalconDrafter(nn.Module):
 
     @torch.no_grad()
     def propose(self) -> DraftTree:
-        return cdt.propose(self, self.context)
+        """Run the plan's passes and return the draft tree (tokens[0] = the next token)."""
+        ctx, plan = self.context, self.plan
+        if ctx.next_token is None:
+            raise RuntimeError("propose() before extend(): the drafter has no context")
+        device = ctx.pending.device
+        root = torch.tensor([ctx.next_token], dtype=torch.long, device=device)
+        if ctx.pending.shape[0] < self.config.k:  # fewer than k context positions: nothing to draft from yet
+            return DraftTree(root, torch.tensor([-1], dtype=torch.long, device=device))
+        idx = plan.tensors(device)
+        node_tokens = [root]
+        passes = Passes(self, ctx)
+        head = self.draft_head()
+        for p in range(plan.num_passes):
+            if p > 0:
+                passes.feed(torch.cat(node_tokens)[idx["block_nodes"][p]], idx["parent_branch"][p])
+            top = head.tokens(head.logits(passes.step()).topk(plan.topk[p], dim=-1).indices)  # [B, k, K] token ids
+            node_tokens.append(top.reshape(-1)[idx["gather"][p]])
+        return DraftTree(torch.cat(node_tokens), idx["parents"])
 
     def set_tree(self, paths: list[list[int]]) -> None:
         """Draft with another Custom-Designed Decoding Tree (rank paths, see falcon_ext.cdt).

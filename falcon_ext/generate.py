@@ -10,19 +10,17 @@ target's own decoding (greedy) or follows its distribution (sampling).
 """
 from __future__ import annotations
 
-import inspect
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from . import ops
+from . import ops, target_io
 from .drafting import Drafter, DraftTree
 from .kv_cache import ReservedCache
 from .sampling import SamplingConfig, warp_probs
+from .target_io import TargetIO
 
 
 @dataclass
@@ -57,90 +55,210 @@ class DecodeState:
     done: bool = False
 
 
-class StageTimer:
-    """Accumulates wall time per stage; a no-op unless enabled (timing needs device syncs)."""
+# ---------------------------------------------------------------- the stages of one step
 
-    def __init__(self, enabled: bool, device: torch.device):
-        self.enabled, self.device, self.seconds = enabled, device, {}
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @contextmanager
-    def __call__(self, stage: str):
-        if not self.enabled:
-            yield
-            return
-        self._sync()
-        start = time.perf_counter()
-        yield
-        self._sync()
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+# Cache positions reserved beyond prompt + max_new_tokens: the last step's unaccepted tree nodes.
+# A larger tree still works (the cache grows once); this only sizes the first reservation.
+TREE_ROOM = 64
 
 
-@dataclass
-class TargetIO:
-    """How to talk to this particular HF model."""
-
-    model: torch.nn.Module
-    input_device: torch.device
-    cache_kwarg: str  # "cache" (transformers >= 5.2x) or "past_key_values"
-    dtype: torch.dtype
-    vocab_size: int  # rows of the LM head: the ids the target can read and emit
-    max_positions: int | None
-    # fp32_lm_head: the LM head's weight and bias in float32; the engine then computes the logits
-    # from the target's features itself, and the model's own head runs on no rows at all.
-    head32: tuple[torch.Tensor, torch.Tensor | None] | None = None
+def prefill(io: TargetIO, prompt: torch.Tensor, drafter: Drafter, sampling, generator,
+            max_new_tokens: int) -> tuple[ReservedCache, int]:
+    """Run the prompt through the target, pick the first token and prime the drafter."""
+    cache = ReservedCache(prompt.shape[1] + max_new_tokens + TREE_ROOM)
+    logits, features = target_io.forward(io, prompt, cache, need_features=drafter.needs_features)
+    first = _choose_token(logits[-1], sampling, generator)
+    drafter.reset()
+    drafter.extend(prompt[0], features, first)
+    return cache, first
 
 
-def _target_io(model, fp32_lm_head: bool = False) -> TargetIO:
-    params = inspect.signature(model.forward).parameters
-    cache_kwarg = "cache" if "cache" in params else "past_key_values"
-    embeddings = model.get_input_embeddings()
-    return TargetIO(
-        model=model,
-        input_device=embeddings.weight.device,
-        cache_kwarg=cache_kwarg,
-        dtype=embeddings.weight.dtype,
-        vocab_size=min(embeddings.weight.shape[0], getattr(model.config, "vocab_size", None) or embeddings.weight.shape[0]),
-        max_positions=getattr(model.config, "max_position_embeddings", None),
-        head32=_head32(model, params) if fp32_lm_head else None,
-    )
+def _choose_token(logits_row: torch.Tensor, sampling: SamplingConfig, generator) -> int:
+    """The target's own next token from one row of logits."""
+    if bool(logits_row.isnan().any()):
+        raise _nan_error("at the prompt's last position")
+    if sampling.greedy:
+        return int(logits_row.argmax())
+    probs = warp_probs(logits_row[None], sampling)
+    return int(torch.multinomial(probs.to(_generator_device(generator)), 1, generator=generator))
 
 
-def _head32(model, forward_params) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if "logits_to_keep" not in forward_params:
-        raise ValueError(f"fp32_lm_head needs a model whose forward takes logits_to_keep; "
-                         f"{type(model).__name__} does not")
-    head = model.get_output_embeddings()
-    bias = getattr(head, "bias", None)
-    return head.weight.detach().float(), None if bias is None else bias.detach().float()
+def draft(io: TargetIO, drafter: Drafter, state: DecodeState) -> DraftTree:
+    """The drafter's tree, checked before it can reach an embedding lookup."""
+    tree = drafter.propose()
+    if (not isinstance(tree, DraftTree) or tree.tokens.dim() != 1 or tree.tokens.numel() == 0
+            or tree.tokens.shape != tree.parents.shape or tree.tokens.dtype != torch.int64):
+        raise ValueError("the drafter must return a DraftTree with int64 tokens and parents of shape [N], N >= 1")
+    root, low, high = torch.stack([tree.tokens[0], tree.tokens.min(), tree.tokens.max()]).tolist()
+    if root != state.next_token:
+        raise ValueError(f"the drafter's tree root {root} is not the next token {state.next_token}")
+    if low < 0 or high >= io.vocab_size:
+        raise ValueError(f"the drafter proposed token ids in [{low}, {high}], outside the vocabulary [0, {io.vocab_size})")
+    return tree
 
 
-# logits_to_keep as an empty index: the model's own LM head then runs on zero rows.
-_NO_LOGITS = torch.empty(0, dtype=torch.int64)
+def build_tree(io: TargetIO, tree: DraftTree, state: DecodeState):
+    """Mask and position ids for the tree; prunes nodes that could only produce tokens past the end."""
+    parents = tree.parents.to(io.input_device)
+    mask, positions, paths = ops.tree_build(parents, state.cached_len, io.dtype)
+    room = state.max_new_tokens - len(state.generated)  # tokens still allowed, incl. the bonus token
+    if paths.shape[1] > room:  # depth + 1 tokens would be emitted along the deepest path
+        tree = _prune(tree, max_depth=room - 1)
+        mask, positions, _ = ops.tree_build(tree.parents.to(io.input_device), state.cached_len, io.dtype)
+    return tree, mask, positions
 
 
-def _forward(io: TargetIO, input_ids, cache, *, need_features, **kwargs):
-    """Logits [T, V] (float32 with io.head32) and, if asked or needed, the features [T, H]."""
-    if io.head32 is not None:
-        kwargs["logits_to_keep"] = _NO_LOGITS.to(input_ids.device)
-    out = io.model(
-        input_ids=input_ids,
-        use_cache=True,
-        output_hidden_states=need_features or io.head32 is not None,
-        return_dict=True,
-        **{io.cache_kwarg: cache},
-        **kwargs,
-    )
-    features = out.hidden_states[-1][0] if need_features or io.head32 is not None else None
-    if io.head32 is None:
-        return out.logits[0], features
-    weight, bias = io.head32
-    logits = F.linear(features.to(weight.device, torch.float32), weight, bias)
-    return logits, features if need_features else None
+def _prune(tree: DraftTree, max_depth: int) -> DraftTree:
+    parents = tree.parents.tolist()
+    depth, keep, new_index = [0] * len(parents), [], {}
+    for i, p in enumerate(parents):
+        depth[i] = 0 if p < 0 else depth[p] + 1
+        if depth[i] <= max_depth:
+            new_index[i] = len(keep)
+            keep.append(i)
+    new_parents = [-1 if parents[i] < 0 else new_index[parents[i]] for i in keep]
+    index = torch.tensor(keep, device=tree.tokens.device)
+    return DraftTree(tree.tokens[index], torch.tensor(new_parents, dtype=torch.int64, device=tree.parents.device))
 
+
+def verify(io: TargetIO, tree: DraftTree, mask, positions, state: DecodeState, need_features: bool):
+    """One target forward over the whole tree."""
+    tokens = tree.tokens.to(io.input_device)
+    with target_io.grouped_kv_attention(io.input_device):
+        return target_io.forward(io, tokens[None], state.cache, need_features=need_features,
+                                 attention_mask=mask[None, None], position_ids=positions[None])
+
+
+def accept(logits, tree: DraftTree, sampling: SamplingConfig, generator) -> tuple[list[int], int]:
+    """Accepted node ids (root first) and the target's next token."""
+    tokens = tree.tokens.to(logits.device)
+    parents = tree.parents.to(logits.device)
+    if sampling.greedy:
+        path, result = ops.tree_verify_greedy(logits, tokens, parents)
+    else:
+        uniforms = torch.rand(len(tree) + 1, generator=generator, device=_generator_device(generator))
+        path, result = ops.tree_verify_sample(warp_probs(logits, sampling), tokens, parents,
+                                              uniforms.to(logits.device))
+    nan_rows = logits.isnan().any(dim=-1).long()  # rides along with the step's one host sync
+    count, next_token, *rest = torch.cat([result, path, nan_rows]).tolist()
+    if count < 1 or next_token < 0:
+        raise RuntimeError("tree verification failed: malformed tree or out-of-vocabulary draft token")
+    path, nan_rows = rest[:count], rest[len(tree):]
+    if any(nan_rows[node] for node in path):  # only the accepted nodes' rows chose tokens
+        raise _nan_error(f"at tree nodes {[node for node in path if nan_rows[node]]} of a verification step")
+    return path, next_token
+
+
+def commit(state: DecodeState, path: list[int]) -> None:
+    """Keep the accepted path's KV entries, contiguous after the prefix, and drop the rest."""
+    layers = state.cache.layers
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for layer in layers:
+        by_device.setdefault(layer.keys.device, []).extend((layer.keys, layer.values))
+    for device, tensors in by_device.items():
+        ops.kv_compact_(tensors, torch.tensor(path, dtype=torch.int64, device=device), state.cached_len)
+    state.cached_len += len(path)
+    state.cache.keep(state.cached_len)
+
+
+def emit(state: DecodeState, tokens: list[int], streamer) -> None:
+    """Append tokens, stopping after an EOS or at max_new_tokens."""
+    room = state.max_new_tokens - len(state.generated)
+    tokens = tokens[:room]
+    for i, t in enumerate(tokens):
+        if t in state.eos_ids:
+            tokens = tokens[: i + 1]
+            state.done = True
+            break
+    state.generated.extend(tokens)
+    if len(state.generated) >= state.max_new_tokens:
+        state.done = True
+    if streamer is not None and tokens:
+        streamer.put(torch.tensor(tokens))
+
+
+# ---------------------------------------------------------------- the loop
+
+@torch.no_grad()
+def speculative_generate(
+    model,
+    drafter: Drafter,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    streamer=None,
+    generator: torch.Generator | None = None,
+    profile: bool = False,
+    fp32_lm_head: bool = False,
+) -> SpeculativeOutput:
+    """Generate from ``model`` with ``drafter``'s trees, exactly as the target would alone.
+
+    Greedy (``temperature=0``) output is token-identical to ``model.generate(do_sample=False)``;
+    with ``temperature > 0`` tokens follow the distribution ``model.generate(do_sample=True,
+    temperature, top_k, top_p)`` samples from. Unset arguments come from
+    ``model.generation_config``. Batch size 1. ``profile=True`` fills ``stage_seconds``.
+
+    ``fp32_lm_head=True``: the target's tokens are chosen from float32 logits, its LM head upcast
+    and applied to its (bf16/fp16) features, so the rounding of the logits to the model's dtype
+    cannot create or flip near-ties. Greedy output then follows that upcast target: identical to
+    ``generate`` in float32; in bf16/fp16 it may differ where ``generate``'s own logits were
+    within rounding of a tie (see falcon_ext.divergence).
+    """
+    if not isinstance(drafter, Drafter):
+        raise TypeError(f"drafter must implement falcon_ext.Drafter (reset/extend/propose), got {type(drafter)}")
+    io = target_io.for_model(model, fp32_lm_head)
+    gc = getattr(model, "generation_config", None)
+    sampling = SamplingConfig.resolve(gc, temperature, top_k, top_p)
+    prompt = _prepare_prompt(io, input_ids, attention_mask)
+    max_new = _resolve_max_new_tokens(max_new_tokens, gc, prompt.shape[1])
+    _check_length(io, prompt.shape[1], max_new)
+
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    start = time.perf_counter()
+    cache, first = prefill(io, prompt, drafter, sampling, generator, max_new)
+    state = DecodeState(cache, prompt.shape[1], first, [], max_new, _eos_ids(eos_token_id, gc))
+    emit(state, [first], streamer)
+    output = SpeculativeOutput(sequences=input_ids, prefill_seconds=time.perf_counter() - start)
+
+    timer = StageTimer(profile, io.input_device)
+    start = time.perf_counter()
+    while not state.done:
+        with timer("draft"):
+            tree = draft(io, drafter, state)
+        with timer("tree_build"):
+            tree, mask, positions = build_tree(io, tree, state)
+        with timer("verify"):
+            logits, features = verify(io, tree, mask, positions, state, drafter.needs_features)
+        with timer("accept"):
+            path, next_token = accept(logits, tree, sampling, generator)
+        with timer("commit"):
+            commit(state, path)
+        with timer("emit"):
+            accepted = tree.tokens[torch.tensor(path, device=tree.tokens.device)]
+            emit(state, accepted[1:].tolist() + [next_token], streamer)
+            output.accept_lengths.append(len(path))
+            output.tree_sizes.append(len(tree))
+            state.next_token = next_token
+        if not state.done:
+            with timer("drafter_update"):
+                drafter.extend(accepted, None if features is None else features[path], next_token)
+    output.decode_seconds = time.perf_counter() - start
+    output.stage_seconds = timer.seconds
+
+    if streamer is not None:
+        streamer.end()
+    new = torch.tensor(state.generated, dtype=input_ids.dtype, device=input_ids.device)
+    output.sequences = torch.cat([input_ids if input_ids.dim() == 2 else input_ids[None], new[None]], dim=1)
+    return output
+
+
+# ---------------------------------------------------------------- argument handling and helpers
 
 def _eos_ids(eos_token_id, generation_config) -> frozenset[int]:
     if eos_token_id is None:
@@ -197,16 +315,6 @@ def _check_length(io: TargetIO, prompt_len: int, max_new_tokens: int):
                          f"sliding window ({window}); tree verification needs full attention")
 
 
-def _choose_token(logits_row: torch.Tensor, sampling: SamplingConfig, generator) -> int:
-    """The target's own next token from one row of logits."""
-    if bool(logits_row.isnan().any()):
-        raise _nan_error("at the prompt's last position")
-    if sampling.greedy:
-        return int(logits_row.argmax())
-    probs = warp_probs(logits_row[None], sampling)
-    return int(torch.multinomial(probs.to(_generator_device(generator)), 1, generator=generator))
-
-
 def _nan_error(where: str) -> RuntimeError:
     # argmax and the samplers would silently turn NaN into some token id: refuse instead.
     return RuntimeError(f"the target model returned NaN logits ({where}); its output cannot be trusted "
@@ -217,219 +325,23 @@ def _generator_device(generator) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
-# Cache positions reserved beyond prompt + max_new_tokens: the last step's unaccepted tree nodes.
-# A larger tree still works (the cache grows once); this only sizes the first reservation.
-TREE_ROOM = 64
+class StageTimer:
+    """Accumulates wall time per stage; a no-op unless enabled (timing needs device syncs)."""
 
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled, self.device, self.seconds = enabled, device, {}
 
-def prefill(io: TargetIO, prompt: torch.Tensor, drafter: Drafter, sampling, generator,
-            max_new_tokens: int) -> tuple[ReservedCache, int]:
-    """Run the prompt through the target, pick the first token and prime the drafter."""
-    cache = ReservedCache(prompt.shape[1] + max_new_tokens + TREE_ROOM)
-    logits, features = _forward(io, prompt, cache, need_features=drafter.needs_features)
-    first = _choose_token(logits[-1], sampling, generator)
-    drafter.reset()
-    drafter.extend(prompt[0], features, first)
-    return cache, first
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
-
-def draft(io: TargetIO, drafter: Drafter, state: DecodeState) -> DraftTree:
-    """The drafter's tree, checked before it can reach an embedding lookup."""
-    tree = drafter.propose()
-    if (not isinstance(tree, DraftTree) or tree.tokens.dim() != 1 or tree.tokens.numel() == 0
-            or tree.tokens.shape != tree.parents.shape or tree.tokens.dtype != torch.int64):
-        raise ValueError("the drafter must return a DraftTree with int64 tokens and parents of shape [N], N >= 1")
-    root, low, high = torch.stack([tree.tokens[0], tree.tokens.min(), tree.tokens.max()]).tolist()
-    if root != state.next_token:
-        raise ValueError(f"the drafter's tree root {root} is not the next token {state.next_token}")
-    if low < 0 or high >= io.vocab_size:
-        raise ValueError(f"the drafter proposed token ids in [{low}, {high}], outside the vocabulary [0, {io.vocab_size})")
-    return tree
-
-
-def build_tree(io: TargetIO, tree: DraftTree, state: DecodeState):
-    """Mask and position ids for the tree; prunes nodes that could only produce tokens past the end."""
-    parents = tree.parents.to(io.input_device)
-    mask, positions, paths = ops.tree_build(parents, state.cached_len, io.dtype)
-    room = state.max_new_tokens - len(state.generated)  # tokens still allowed, incl. the bonus token
-    if paths.shape[1] > room:  # depth + 1 tokens would be emitted along the deepest path
-        tree = _prune(tree, max_depth=room - 1)
-        return build_tree(io, tree, state)
-    return tree, mask, positions
-
-
-def _prune(tree: DraftTree, max_depth: int) -> DraftTree:
-    parents = tree.parents.tolist()
-    depth, keep, new_index = [0] * len(parents), [], {}
-    for i, p in enumerate(parents):
-        depth[i] = 0 if p < 0 else depth[p] + 1
-        if depth[i] <= max_depth:
-            new_index[i] = len(keep)
-            keep.append(i)
-    new_parents = [-1 if parents[i] < 0 else new_index[parents[i]] for i in keep]
-    index = torch.tensor(keep, device=tree.tokens.device)
-    return DraftTree(tree.tokens[index], torch.tensor(new_parents, dtype=torch.int64, device=tree.parents.device))
-
-
-def verify(io: TargetIO, tree: DraftTree, mask, positions, state: DecodeState, need_features: bool):
-    """One target forward over the whole tree."""
-    tokens = tree.tokens.to(io.input_device)
-    with grouped_kv_attention(io.input_device):
-        return _forward(io, tokens[None], state.cache, need_features=need_features,
-                        attention_mask=mask[None, None], position_ids=positions[None])
-
-
-@contextmanager
-def grouped_kv_attention(device: torch.device):
-    """On CPU, let SDPA read grouped-query KV heads as they are cached while a tree is verified.
-
-    With a custom mask and more than one query, transformers' SDPA path copies every layer's
-    cached keys and values once per query-head group (``repeat_kv``): a copy of the whole cache
-    at each step, so the step grows with the position faster than a one-token step does
-    (RESULTS.md, "Step time against position"). PyTorch's CPU SDPA takes the grouped heads and
-    a mask directly (``enable_gqa``); transformers uses that when TRANSFORMERS_SDPA_FORCE_GQA=1,
-    read at each attention call. Same arithmetic, no copy. Not on CUDA: there a mask with
-    ``enable_gqa`` falls back to the math kernel, slower than the copy.
-    """
-    if device.type != "cpu":
+    @contextmanager
+    def __call__(self, stage: str):
+        if not self.enabled:
+            yield
+            return
+        self._sync()
+        start = time.perf_counter()
         yield
-        return
-    previous = os.environ.get(_FORCE_GQA)
-    os.environ[_FORCE_GQA] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[_FORCE_GQA]
-        else:
-            os.environ[_FORCE_GQA] = previous
-
-
-_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
-
-
-def accept(logits, tree: DraftTree, sampling: SamplingConfig, generator) -> tuple[list[int], int]:
-    """Accepted node ids (root first) and the target's next token."""
-    tokens = tree.tokens.to(logits.device)
-    parents = tree.parents.to(logits.device)
-    if sampling.greedy:
-        path, result = ops.tree_verify_greedy(logits, tokens, parents)
-    else:
-        uniforms = torch.rand(len(tree) + 1, generator=generator, device=_generator_device(generator))
-        path, result = ops.tree_verify_sample(warp_probs(logits, sampling), tokens, parents,
-                                              uniforms.to(logits.device))
-    nan_rows = logits.isnan().any(dim=-1).long()  # rides along with the step's one host sync
-    count, next_token, *rest = torch.cat([result, path, nan_rows]).tolist()
-    if count < 1 or next_token < 0:
-        raise RuntimeError("tree verification failed: malformed tree or out-of-vocabulary draft token")
-    path, nan_rows = rest[:count], rest[len(tree):]
-    if any(nan_rows[node] for node in path):  # only the accepted nodes' rows chose tokens
-        raise _nan_error(f"at tree nodes {[node for node in path if nan_rows[node]]} of a verification step")
-    return path, next_token
-
-
-def commit(state: DecodeState, path: list[int]) -> None:
-    """Keep the accepted path's KV entries, contiguous after the prefix, and drop the rest."""
-    layers = state.cache.layers
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for layer in layers:
-        by_device.setdefault(layer.keys.device, []).extend((layer.keys, layer.values))
-    for device, tensors in by_device.items():
-        ops.kv_compact_(tensors, torch.tensor(path, dtype=torch.int64, device=device), state.cached_len)
-    state.cached_len += len(path)
-    state.cache.keep(state.cached_len)
-
-
-def emit(state: DecodeState, tokens: list[int], streamer) -> None:
-    """Append tokens, stopping after an EOS or at max_new_tokens."""
-    room = state.max_new_tokens - len(state.generated)
-    tokens = tokens[:room]
-    for i, t in enumerate(tokens):
-        if t in state.eos_ids:
-            tokens = tokens[: i + 1]
-            state.done = True
-            break
-    state.generated.extend(tokens)
-    if len(state.generated) >= state.max_new_tokens:
-        state.done = True
-    if streamer is not None and tokens:
-        streamer.put(torch.tensor(tokens))
-
-
-@torch.no_grad()
-def speculative_generate(
-    model,
-    drafter: Drafter,
-    input_ids: torch.Tensor,
-    *,
-    max_new_tokens: int | None = None,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_token_id: int | list[int] | None = None,
-    attention_mask: torch.Tensor | None = None,
-    streamer=None,
-    generator: torch.Generator | None = None,
-    profile: bool = False,
-    fp32_lm_head: bool = False,
-) -> SpeculativeOutput:
-    """Generate from ``model`` with ``drafter``'s trees, exactly as the target would alone.
-
-    Greedy (``temperature=0``) output is token-identical to ``model.generate(do_sample=False)``;
-    with ``temperature > 0`` tokens follow the distribution ``model.generate(do_sample=True,
-    temperature, top_k, top_p)`` samples from. Unset arguments come from
-    ``model.generation_config``. Batch size 1. ``profile=True`` fills ``stage_seconds``.
-
-    ``fp32_lm_head=True``: the target's tokens are chosen from float32 logits, its LM head upcast
-    and applied to its (bf16/fp16) features, so the rounding of the logits to the model's dtype
-    cannot create or flip near-ties. Greedy output then follows that upcast target: identical to
-    ``generate`` in float32; in bf16/fp16 it may differ where ``generate``'s own logits were
-    within rounding of a tie (see falcon_ext.divergence).
-    """
-    if not isinstance(drafter, Drafter):
-        raise TypeError(f"drafter must implement falcon_ext.Drafter (reset/extend/propose), got {type(drafter)}")
-    io = _target_io(model, fp32_lm_head)
-    gc = getattr(model, "generation_config", None)
-    sampling = SamplingConfig.resolve(gc, temperature, top_k, top_p)
-    prompt = _prepare_prompt(io, input_ids, attention_mask)
-    max_new = _resolve_max_new_tokens(max_new_tokens, gc, prompt.shape[1])
-    _check_length(io, prompt.shape[1], max_new)
-
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-    start = time.perf_counter()
-    cache, first = prefill(io, prompt, drafter, sampling, generator, max_new)
-    state = DecodeState(cache, prompt.shape[1], first, [], max_new, _eos_ids(eos_token_id, gc))
-    emit(state, [first], streamer)
-    output = SpeculativeOutput(sequences=input_ids, prefill_seconds=time.perf_counter() - start)
-
-    timer = StageTimer(profile, io.input_device)
-    start = time.perf_counter()
-    while not state.done:
-        with timer("draft"):
-            tree = draft(io, drafter, state)
-        with timer("tree_build"):
-            tree, mask, positions = build_tree(io, tree, state)
-        with timer("verify"):
-            logits, features = verify(io, tree, mask, positions, state, drafter.needs_features)
-        with timer("accept"):
-            path, next_token = accept(logits, tree, sampling, generator)
-        with timer("commit"):
-            commit(state, path)
-        with timer("emit"):
-            accepted = tree.tokens[torch.tensor(path, device=tree.tokens.device)]
-            emit(state, accepted[1:].tolist() + [next_token], streamer)
-            output.accept_lengths.append(len(path))
-            output.tree_sizes.append(len(tree))
-            state.next_token = next_token
-        if not state.done:
-            with timer("drafter_update"):
-                drafter.extend(accepted, None if features is None else features[path], next_token)
-    output.decode_seconds = time.perf_counter() - start
-    output.stage_seconds = timer.seconds
-
-    if streamer is not None:
-        streamer.end()
-    new = torch.tensor(state.generated, dtype=input_ids.dtype, device=input_ids.device)
-    output.sequences = torch.cat([input_ids if input_ids.dim() == 2 else input_ids[None], new[None]], dim=1)
-    return output
+        self._sync()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start

@@ -113,9 +113,8 @@ def falcon_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights: list[torch.T
 
     Shape:
         x: [B, k, 2H]; h0, c0: [2, B, H]; ctx_k, ctx_v: [S, H]; br_k, br_v: [B, D, H];
-        weights (one dtype and device with x): w_ih0 [4H, 2H], w_hh0 [4H, H], b0 [4H],
-        w_ih1 [4H, H], w_hh1 [4H, H], b1 [4H] (gate order i, f, g, o; b = b_ih + b_hh),
-        attn_norm [H], w_qkv [3H, H], w_o [H, H], mlp_norm [H], w_up [M, H], w_down [H, M].
+        weights (one dtype and device with x): the tensors named by
+        ``falcon_ext.falcon.FUSED_WEIGHTS``, in that order (shapes listed there).
     Returns:
         out [B, k, H] predicted features, h [2, B, H], c [2, B, H] (state after the block),
         block_k, block_v [B, k, H] (the block's attention keys/values, to extend br_k/br_v).

@@ -1,4 +1,7 @@
-"""Benchmark prompt sets: named sets shipped in ``falcon_ext/prompt_data`` or a file of one's own.
+"""The one prompt reader and encoder: named sets shipped in ``falcon_ext/prompt_data``, prompt
+files and folders of one's own. bench, eval-drafter, tune-tree, prepare-data and training's final
+evaluation all read prompts through ``load_sources`` and encode them through ``encode``, so the
+same file gives the same prompts, and the same token ids, everywhere.
 
 Every prompt carries a category, for per-category results. ``select`` takes prompts round-robin
 over the categories (file order within each), so a small prompt count still covers every
@@ -38,7 +41,7 @@ def _jsonl_records(path: Path) -> list[tuple[dict, str]]:
     return records
 
 
-def _record_text(record: dict, where: str) -> str:
+def record_text(record: dict, where: str) -> str:
     for key in PROMPT_KEYS:
         if key in record:
             value = record[key]
@@ -50,7 +53,7 @@ def _record_text(record: dict, where: str) -> str:
 
 
 def _spec_bench(category_of) -> list[Prompt]:
-    return [Prompt(category_of(r["category"]), _record_text(r, where)) for r, where in _jsonl_records(SPEC_BENCH)]
+    return [Prompt(category_of(r["category"]), record_text(r, where)) for r, where in _jsonl_records(SPEC_BENCH)]
 
 
 def load_prompt_file(path: str | Path) -> list[Prompt]:
@@ -59,7 +62,7 @@ def load_prompt_file(path: str | Path) -> list[Prompt]:
     by ``<|endoftext|>`` when it has one, else one prompt per non-empty line)."""
     path = Path(path)
     if path.suffix == ".jsonl":
-        return [Prompt(str(r.get("category", path.stem)), _record_text(r, where)) for r, where in _jsonl_records(path)]
+        return [Prompt(str(r.get("category", path.stem)), record_text(r, where)) for r, where in _jsonl_records(path)]
     text = path.read_text(encoding="utf-8")
     parts = text.split("<|endoftext|>") if "<|endoftext|>" in text else text.splitlines()
     return [Prompt(path.stem, p.strip()) for p in parts if p.strip()]
@@ -79,7 +82,7 @@ def load_prompt_set(name: str) -> list[Prompt]:
             raise ValueError(f"unknown Spec-Bench category {category!r}; one of {SPEC_BENCH_CATEGORIES}")
         return [p for p in prompts if p.category == category]
     if name == "gsm8k":
-        return [Prompt("gsm8k", _record_text(r, where)) for r, where in _jsonl_records(GSM8K)]
+        return [Prompt("gsm8k", record_text(r, where)) for r, where in _jsonl_records(GSM8K)]
     if Path(name).is_file():
         return load_prompt_file(name)
     raise ValueError(f"no prompt set {name!r}: give one of {NAMED_SETS} or a JSONL/text file")
@@ -138,3 +141,12 @@ def encode(tokenizer, text: str, chat_template: bool, max_tokens: int | None) ->
     keep_first = tokenizer.bos_token_id is not None and int(ids[0, 0]) == tokenizer.bos_token_id
     head = ids[:, :1] if keep_first else ids[:, :0]
     return torch.cat([head, ids[:, ids.shape[1] - (max_tokens - head.shape[1]):]], dim=1), True
+
+
+def encode_sources(tokenizer, sources: list[str], limit: int = 0) -> list[list[int]]:
+    """Token ids of the first ``limit`` (0: all) prompts of ``sources`` (see ``load_sources``), a
+    user turn through the chat template when the tokenizer has one (``use_chat_template``)."""
+    chosen = load_sources(sources)
+    chosen = chosen[:limit] if limit else chosen
+    template = use_chat_template(tokenizer)
+    return [encode(tokenizer, p.text, template, None)[0][0].tolist() for p in chosen]

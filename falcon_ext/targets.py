@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import smollm2
+
 EMBEDDED = {"stories260K": os.path.join(os.path.dirname(__file__), "models", "stories260K")}
 # stories260K ends a story with BOS (id 1), never EOS (2): llama2.c's run.c stops on BOS.
 EMBEDDED_EOS = {"stories260K": [1, 2]}
@@ -16,6 +18,7 @@ EMBEDDED_EOS = {"stories260K": [1, 2]}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the canonical names, as dtype_name writes them
 # /proc/cpuinfo flags that give a CPU native bf16 arithmetic (AVX512-BF16 dot products, AMX tiles).
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -101,16 +104,16 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     return choice.dtype
 
 
-def add_dtype_argument(parser) -> None:
-    """The ``--dtype`` option every command shares."""
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                        help="target dtype; auto: bfloat16 on CUDA GPUs and CPUs with native bf16 "
-                             "(avx512_bf16/amx_bf16), float32 elsewhere")
+def eos_token_ids(model, tokenizer=None) -> list[int]:
+    """The target's stop tokens: its generation_config's eos_token_id, else the tokenizer's (when
+    given); [] when neither has one."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
 def resolve_target(name_or_path: str) -> str:
-    from . import smollm2
-
     if name_or_path in EMBEDDED:
         return EMBEDDED[name_or_path]
     if name_or_path == smollm2.NAME:

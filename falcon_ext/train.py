@@ -29,7 +29,6 @@ writes files.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -42,11 +41,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .cdt import DraftContext
 from .data import Sequences, read_data
 from .distributed import World
-from .falcon import DraftHead, FalconDrafter, FalconDrafterConfig
-from .train_state import load_checkpoint, save_checkpoint
+from .evaluate import mean_accepted_tokens
+from .falcon import DraftHead, FalconDrafter, FalconDrafterConfig, Passes
+from .prompts import encode_sources
 from .targets import load_target, parse_dtype
+from .train_state import load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -353,16 +355,17 @@ def chain_acceptance(drafter, seqs: Sequences, passes: int, points_per_seq: int 
 
 
 def _chain_at(drafter, feats, toks, n: int, passes: int, k: int) -> int:
-    """Context f_0..f_n, t_1..t_{n+1}; draft ``passes`` blocks; count leading matches with t_{n+2}..."""
-    f_in, t_in = feats[: n + 1], toks[1: n + 2]
-    offset = (n + 1) % k
+    """Context f_0..f_n, t_1..t_{n+1}; draft ``passes`` top-1 blocks; count leading matches with t_{n+2}..."""
+    ctx = DraftContext.empty(drafter)
+    ctx.extend(drafter, toks[: n + 1], feats[: n + 1], int(toks[n + 1]))
+    loop = Passes(drafter, ctx)
+    head = drafter.draft_head()
     drafted = []
-    for _ in range(passes):
-        out = drafter(f_in[None], t_in[None], offset)[0, -k:]
-        head = drafter.draft_head()
-        block = head.tokens(head.logits(out).argmax(-1))
+    for p in range(passes):
+        if p:
+            loop.feed(block[None])
+        block = head.tokens(head.logits(loop.step()[0]).argmax(-1))
         drafted.extend(block.tolist())
-        f_in, t_in = torch.cat([f_in, out.to(f_in.dtype)]), torch.cat([t_in, block])
     truth = toks[n + 2: n + 2 + len(drafted)].tolist()
     hits = 0
     for a, b in zip(drafted, truth):
@@ -497,11 +500,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, world: World | None = No
         history["eval_sequences"] = len(eval_seqs)
         save_checkpoint(out, drafter, opt, step, gen, history, cfg.keep_checkpoints)
     if cfg.eval_prompts and "mean_accepted_tokens" not in history:
-        from .evaluate import encode_prompts, mean_accepted_tokens
-
         tokenizer = load_target(cfg.target)[1] if tokenizer is None else tokenizer
         history["engine_eval"] = mean_accepted_tokens(
-            model, drafter, encode_prompts(tokenizer, cfg.eval_prompts), cfg.eval_max_new_tokens)
+            model, drafter, encode_sources(tokenizer, cfg.eval_prompts), cfg.eval_max_new_tokens)
         history["mean_accepted_tokens"] = history["engine_eval"]["mean_accepted_tokens"]
         save_checkpoint(out, drafter, opt, step, gen, history, cfg.keep_checkpoints)
     drafter.save_pretrained(out / "final")
@@ -563,41 +564,3 @@ def _check_same_config(out: Path, cfg: TrainConfig, write: bool = True) -> None:
     elif write:
         (out / "train_config.json.tmp").write_text(json.dumps(now, indent=1))
         os.replace(out / "train_config.json.tmp", path)
-
-
-# ---------------------------------------------------------------- command line
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig("", "", "")
-    p.add_argument("--target", required=True, help="model name, HF folder or .gguf (the one the data came from)")
-    p.add_argument("--data", required=True, nargs="+", help="folder(s) written by `falcon-ext prepare-data`")
-    p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
-    for name in ("k", "steps", "batch_size", "seq_len", "warmup_steps", "num_heads", "intermediate_size",
-                 "seed", "threads", "save_every", "draft_vocab_size", "log_every", "keep_checkpoints", "eval_sequences", "eval_passes"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("epochs", "lr", "weight_decay", "min_lr_ratio", "grad_clip", "glance_lambda",
-                 "first_pass_weight", "feature_noise", "w_dist", "kl_alpha"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    p.add_argument("--betas", type=float, nargs=2, default=list(d.betas))
-    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default=d.schedule)
-    p.add_argument("--distill-vocab", choices=["full", "data"], default=d.distill_vocab,
-                   help="LM head rows for the losses: all, or the token ids in the training data (much faster "
-                        "on a large vocabulary)")
-    p.add_argument("--amp", choices=["none", "bfloat16"], default=d.amp,
-                   help="bfloat16: autocast the forward (fp32 weights and losses)")
-    p.add_argument("--glance-span", choices=["random", "first", "last"], default=d.glance_span)
-    p.add_argument("--plain", dest="csgd", action="store_false", help="plain distillation (no glancing pass)")
-    p.add_argument("--loss-on-prompt", action="store_true")
-    p.add_argument("--allow-partial-data", action="store_true", help="train on the finished shards only")
-    p.add_argument("--init", default="", help="start from the weights of this drafter folder")
-    p.add_argument("--eval-data", default="", help="data folder of greedy answers to held-out prompts for the "
-                   "final chain acceptance (default: the last --eval-sequences sequences of --data)")
-    p.add_argument("--eval-prompts", nargs="*", default=[], help="prompt files for the final engine evaluation "
-                   "(greedy mean accepted tokens)")
-    p.add_argument("--eval-max-new-tokens", type=int, default=d.eval_max_new_tokens)
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="drafter dtype")
-    p.add_argument("--device", default=d.device, help="cpu or cuda; under torchrun each rank takes cuda:LOCAL_RANK")
-    p.add_argument("--resize-world", action="store_true", help="resume a checkpoint written by another number of "
-                   "torchrun processes (the same global batch: the same run up to the order of sums)")
-    p.add_argument("--dist-timeout", type=float, default=1800.0, help="under torchrun: seconds to wait for the "
-                   "other ranks at the rendezvous and at each collective")

@@ -27,7 +27,8 @@ import torch
 from falcon_ext.cdt_tune import best_trees, measure_ranks, node_rates
 from falcon_ext.checkpoint import drafter_dir
 from falcon_ext.data import read_data
-from falcon_ext.evaluate import encode_prompts, load_drafter, mean_accepted_tokens
+from falcon_ext.evaluate import load_drafter, mean_accepted_tokens
+from falcon_ext.prompts import encode_sources
 from falcon_ext.targets import load_target, parse_dtype
 from falcon_ext.train import chain_acceptance
 
@@ -44,8 +45,8 @@ def measure(args) -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_target(args.target, parse_dtype(args.dtype))
     heldout = read_data(args.heldout)[1].part(0, args.chain_sequences)
-    tune = [torch.tensor(ids) for ids in encode_prompts(tokenizer, [args.tune_prompts])]
-    sets = {name: encode_prompts(tokenizer, [name], args.prompts) for name in MEASURES[1:]}
+    tune = [torch.tensor(ids) for ids in encode_sources(tokenizer, [args.tune_prompts])]
+    sets = {name: encode_sources(tokenizer, [name], args.prompts) for name in MEASURES[1:]}
     eos = getattr(model.generation_config, "eos_token_id", None)
     for label, folder in [d.split("=", 1) for d in args.drafters]:
         if all((label, m) in done(args.out) for m in MEASURES):

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import torch
 
-from falcon_ext.evaluate import encode_prompts, load_drafter, mean_accepted_tokens, measured_tree
+from falcon_ext.cdt_tune import measured_tree
 from falcon_ext.checkpoint import drafter_dir
 from falcon_ext.data import read_data
+from falcon_ext.evaluate import load_drafter, mean_accepted_tokens
+from falcon_ext.prompts import encode_sources
 from falcon_ext.targets import load_target, parse_dtype
 from falcon_ext.train import chain_acceptance
 
@@ -75,7 +77,7 @@ def measure(args) -> None:
     # Each chain point re-runs the drafter over its whole prefix: a subset keeps this to minutes.
     heldout = heldout.part(0, args.chain_sequences)
     tree = measured_tree(drafter_dir(args.tree_from), args.tree_size)
-    sets = {name: encode_prompts(tokenizer, [name], args.prompts) for name in ("mt-bench", "gsm8k")}
+    sets = {name: encode_sources(tokenizer, [name], args.prompts) for name in ("mt-bench", "gsm8k")}
     out = args.run / "scaling.jsonl"
     found = checkpoints(args.run)
     chosen = found if args.all_checkpoints else log_spaced(found)

@@ -1,10 +1,12 @@
 """falcon-ext bench end to end on stories260K, and the prompt-set helpers it uses."""
+import argparse
 import json
 
 import pytest
 import torch
 
-from falcon_ext import bench, prompts
+from falcon_ext import bench, cli, prompts
+from falcon_ext import data as fdata
 from falcon_ext.generate import speculative_generate
 
 
@@ -12,7 +14,7 @@ def test_bench_end_to_end_greedy(tmp_path):
     out = tmp_path / "out"
     # The target doubles as its own "assistant": the only model sharing its tokenizer, and
     # enough to run transformers' assisted generation path.
-    rc = bench.main(["--target", "stories260K", "--prompts", "mt-bench", "--num-prompts", "2",
+    rc = cli.main(["bench", "--target", "stories260K", "--prompts", "mt-bench", "--num-prompts", "2",
                      "--max-new-tokens", "16", "--assistant", "stories260K", "--threads", "1", "--dtype", "float32",
                      "--out", str(out), "--no-progress"])
     assert rc == 0
@@ -37,7 +39,7 @@ def test_bench_end_to_end_greedy(tmp_path):
 
 def test_bench_falcon_drafter_with_a_measured_tree_size(tmp_path):
     out = tmp_path / "out"
-    rc = bench.main(["--target", "stories260K", "--drafter", "falcon", "--tree-size", "16", "--methods", "generate,spec",
+    rc = cli.main(["bench", "--target", "stories260K", "--drafter", "falcon", "--tree-size", "16", "--methods", "generate,spec",
                      "--prompts", "mt-bench", "--num-prompts", "1", "--max-new-tokens", "24", "--threads", "1",
                      "--dtype", "float32", "--out", str(out), "--no-progress"])
     assert rc == 0
@@ -46,12 +48,12 @@ def test_bench_falcon_drafter_with_a_measured_tree_size(tmp_path):
     assert report["breakdown"]["spec"]["mean_tree_nodes"] > 10  # the shipped CPU tree has 10 nodes; this one 16 + root
     assert "falcon_ext + falcon (16-node tree)" in (out / "bench.md").read_text()
     with pytest.raises(ValueError, match="tree-size"):
-        bench.main(["--drafter", "lookup", "--tree-size", "4", "--methods", "spec", "--out", str(out)])
+        cli.main(["bench", "--drafter", "lookup", "--tree-size", "4", "--methods", "spec", "--out", str(out)])
 
 
 def test_bench_rejects_unknown_method():
     with pytest.raises(SystemExit):
-        bench.main(["--methods", "generate,warp"])
+        cli.main(["bench", "--methods", "generate,warp"])
 
 
 def test_root_only_drafter_is_plain_decoding(stories):
@@ -112,7 +114,7 @@ def test_encode_cuts_from_the_start_keeping_bos(stories):
 
 def test_chat_template_on_needs_a_template(tmp_path):
     with pytest.raises(ValueError, match="no chat template"):
-        bench.main(["--chat-template", "on", "--num-prompts", "1", "--out", str(tmp_path), "--no-progress"])
+        cli.main(["bench", "--chat-template", "on", "--num-prompts", "1", "--out", str(tmp_path), "--no-progress"])
 
 
 def test_demo_prints_speedup_and_identity(capsys):
@@ -123,3 +125,21 @@ def test_demo_prints_speedup_and_identity(capsys):
     assert "identical to model.generate: True" in printed and "speedup over plain decoding:" in printed
     accepted = float(printed.split("mean accepted tokens per target forward:")[1].split()[0])
     assert accepted > 1.5  # the shipped drafter is trained: well above plain decoding's 1.0
+
+
+def test_every_command_reads_a_prompt_file_alike(tmp_path, stories):
+    """One reader and encoder: bench, eval-drafter / tune-tree (encode_sources) and prepare-data
+    take the same prompts, the same ids, from a 2-line text file and a multi-turn JSONL file."""
+    model, tokenizer = stories
+    lines = tmp_path / "two.txt"
+    lines.write_text("Once upon a time\nThe cat sat on the mat\n")
+    turns = tmp_path / "turns.jsonl"
+    turns.write_text('{"turns": ["Once upon a time", "and then?"]}\n{"turns": ["The cat sat on the mat"]}\n')
+    for source in (lines, turns):
+        expected = prompts.encode_sources(tokenizer, [str(source)])
+        assert expected == [tokenizer("Once upon a time").input_ids, tokenizer("The cat sat on the mat").input_ids]
+        args = argparse.Namespace(prompts=str(source), num_prompts=16, chat_template="auto", max_prompt_tokens=0,
+                                  max_new_tokens=8)
+        assert [ids[0].tolist() for ids in bench.bench_inputs(args, model, tokenizer)[1]] == expected
+        items, _ = fdata._work_items(tokenizer, fdata.DataConfig("stories260K", "self_distill", [str(source)]))
+        assert [item.ids for item in items] == expected

@@ -58,7 +58,7 @@ def _torchrun(*args):
     # --standalone: a rendezvous on localhost at a free port. cwd must not be the repository root
     # (see tests/test_train.py::_train_cmd): the callers pass cwd=tmp_path.
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "falcon_ext.cli_train", *args]
+            "-m", "falcon_ext.cli", *args]
 
 
 def _train_args(data, out):
@@ -178,7 +178,7 @@ def test_rank_death_keeps_the_checkpoint_and_the_run_resumes(runs, data, stories
     assert victim, "rank 1 was not found"
     os.kill(victim, signal.SIGKILL)
     launcher.wait(timeout=TIMEOUT)
-    assert launcher.returncode != 0 and "falcon_ext.cli_train" in log.read_text()  # torchrun names the failed worker
+    assert launcher.returncode != 0 and "falcon_ext.cli" in log.read_text()  # torchrun names the failed worker
     step = json.loads(latest.read_text())["step"]
     assert 0 < step < STEPS, "rank 1 must die between the first checkpoint and the end"
     assert not (out / "final").exists()
@@ -214,7 +214,7 @@ def test_missing_rendezvous_fails_clearly_and_keeps_the_checkpoint(runs, data, t
     env = dict(_env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     args = _train_args(data, out)
     args[args.index("--dist-timeout") + 1] = "3"
-    run = subprocess.run([sys.executable, "-m", "falcon_ext.cli_train", *args], env=env, cwd=tmp_path,
+    run = subprocess.run([sys.executable, "-m", "falcon_ext.cli", *args], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=TIMEOUT)
     assert run.returncode != 0 and "rank 0 of 2 could not join the gloo process group" in run.stderr
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

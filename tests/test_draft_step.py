@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from falcon_ext import ops
+from falcon_ext.falcon import FUSED_WEIGHTS
 
 class ReferenceBlock(nn.Module):
     """nn.LSTM + explicit masked multi-head attention + MLP, in whatever dtype it is cast to."""
@@ -53,10 +54,13 @@ class ReferenceBlock(nn.Module):
         return r + self.down(F.silu(self.up(self.norm(r, self.mlp_norm)))), h, c, bk, bv
 
     def weights(self):
+        """In the op's order, ``FUSED_WEIGHTS``."""
         L = self.lstm
-        return [L.weight_ih_l0, L.weight_hh_l0, L.bias_ih_l0 + L.bias_hh_l0, L.weight_ih_l1, L.weight_hh_l1,
-                L.bias_ih_l1 + L.bias_hh_l1, self.attn_norm, self.qkv.weight, self.o.weight, self.mlp_norm,
-                self.up.weight, self.down.weight]
+        named = {"w_ih0": L.weight_ih_l0, "w_hh0": L.weight_hh_l0, "b0": L.bias_ih_l0 + L.bias_hh_l0,
+                 "w_ih1": L.weight_ih_l1, "w_hh1": L.weight_hh_l1, "b1": L.bias_ih_l1 + L.bias_hh_l1,
+                 "attn_norm": self.attn_norm, "w_qkv": self.qkv.weight, "w_o": self.o.weight,
+                 "mlp_norm": self.mlp_norm, "w_up": self.up.weight, "w_down": self.down.weight}
+        return [named[name] for name in FUSED_WEIGHTS]
 
 
 def make_case(H, M, heads, B, k, S, D, seed=0):

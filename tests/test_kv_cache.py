@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from falcon_ext import ops
-from falcon_ext.generate import _target_io, grouped_kv_attention
+from falcon_ext.target_io import for_model, grouped_kv_attention
 from falcon_ext.kv_cache import ReservedCache
 
 from conftest import TINY_FAMILIES, tiny_model
@@ -31,7 +31,7 @@ def chunks_logits(model, cache, ids, cuts, keep=None):
         positions = torch.arange(start, end)[None]
         if keep and i - 1 in keep:  # continue after the kept prefix
             positions = torch.arange(keep[i - 1], keep[i - 1] + piece.shape[1])[None]
-        out.append(model(input_ids=piece, **{_target_io(model).cache_kwarg: cache}, position_ids=positions, use_cache=True).logits)
+        out.append(model(input_ids=piece, **{for_model(model).cache_kwarg: cache}, position_ids=positions, use_cache=True).logits)
         if keep and i in keep:
             if isinstance(cache, ReservedCache):
                 cache.keep(keep[i])
@@ -73,10 +73,10 @@ def test_reserved_cache_writes_in_place_without_growing():
     model = tiny_model("llama")
     cache = ReservedCache(32)
     with torch.no_grad():
-        model(input_ids=torch.arange(5)[None], **{_target_io(model).cache_kwarg: cache}, use_cache=True)
+        model(input_ids=torch.arange(5)[None], **{for_model(model).cache_kwarg: cache}, use_cache=True)
         buffers = [layer._keys.data_ptr() for layer in cache.layers]
         for t in range(5, 20):
-            model(input_ids=torch.tensor([[t]]), **{_target_io(model).cache_kwarg: cache}, use_cache=True)
+            model(input_ids=torch.tensor([[t]]), **{for_model(model).cache_kwarg: cache}, use_cache=True)
     assert [layer._keys.data_ptr() for layer in cache.layers] == buffers  # no reallocation, no copy
     assert [layer.keys.data_ptr() for layer in cache.layers] == buffers  # keys view the buffer
 
@@ -87,7 +87,7 @@ def test_reserved_cache_bad_input():
     cache = ReservedCache(8)
     model = tiny_model("llama")
     with torch.no_grad():
-        model(input_ids=torch.arange(4)[None], **{_target_io(model).cache_kwarg: cache}, use_cache=True)
+        model(input_ids=torch.arange(4)[None], **{for_model(model).cache_kwarg: cache}, use_cache=True)
     with pytest.raises(ValueError, match="cannot keep 9 positions"):
         cache.keep(9)
     with pytest.raises(ValueError, match="negative number"):
@@ -126,9 +126,9 @@ def test_grouped_kv_attention_skips_the_per_group_copy(monkeypatch):
     for grouped in (False, True):
         cache, copies[:] = DynamicCache(), []
         with torch.no_grad():
-            model(input_ids=torch.arange(4)[None], **{_target_io(model).cache_kwarg: cache}, use_cache=True)
+            model(input_ids=torch.arange(4)[None], **{for_model(model).cache_kwarg: cache}, use_cache=True)
             with grouped_kv_attention(torch.device("cpu")) if grouped else contextlib.nullcontext():
-                model(input_ids=torch.arange(3)[None], **{_target_io(model).cache_kwarg: cache},
+                model(input_ids=torch.arange(3)[None], **{for_model(model).cache_kwarg: cache},
                       attention_mask=mask[None, None], position_ids=positions[None], use_cache=True)
         assert (len(copies) == 0) == grouped, copies
 
@@ -146,13 +146,13 @@ def test_grouped_kv_attention_gives_the_same_tree_logits(family):
     for grouped in (False, True):
         cache = DynamicCache()
         with torch.no_grad():
-            model(input_ids=prefix, **{_target_io(model).cache_kwarg: cache}, use_cache=True)
+            model(input_ids=prefix, **{for_model(model).cache_kwarg: cache}, use_cache=True)
             if grouped:
                 with grouped_kv_attention(torch.device("cpu")):
-                    out = model(input_ids=tokens, **{_target_io(model).cache_kwarg: cache}, attention_mask=mask[None, None],
+                    out = model(input_ids=tokens, **{for_model(model).cache_kwarg: cache}, attention_mask=mask[None, None],
                                 position_ids=positions[None], use_cache=True)
             else:
-                out = model(input_ids=tokens, **{_target_io(model).cache_kwarg: cache}, attention_mask=mask[None, None],
+                out = model(input_ids=tokens, **{for_model(model).cache_kwarg: cache}, attention_mask=mask[None, None],
                             position_ids=positions[None], use_cache=True)
         logits.append(out.logits)
     torch.testing.assert_close(logits[1], logits[0], atol=ATOL, rtol=0)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, DynamicCache
 
-from falcon_ext import DraftTree, PromptLookupDrafter, bench, cdt_tune, cli, evaluate, speculative_generate
+from falcon_ext import DraftTree, PromptLookupDrafter, cdt_tune, cli, speculative_generate
+from falcon_ext import prompts as prompts_mod
 from falcon_ext.checkpoint import SHIPPED
 from falcon_ext.divergence import classify, rounding_tolerance
 from falcon_ext.falcon import FalconDrafter, pick_tree
@@ -70,7 +71,7 @@ def test_commands_announce_and_refuse_dtypes(capsys):
     with pytest.raises(ValueError, match="float16 is not supported on a CPU"):
         cli.main(["demo", "--dtype", "float16"])
     with pytest.raises(ValueError, match="float16 is not supported on a CPU"):
-        bench.main(["--dtype", "fp16", "--num-prompts", "1"])
+        cli.main(["bench", "--dtype", "fp16", "--num-prompts", "1"])
     with pytest.raises(SystemExit):  # not a dtype name at all: argparse refuses it
         cli.main(["eval-drafter", "--target", "stories260K", "--drafter", "stories260K", "--prompts", "x",
                   "--dtype", "float64"])
@@ -143,8 +144,8 @@ def test_cdt_tune_writes_its_device_dtype_key_and_encodes_like_eval(tmp_path):
     folder = _drafter_copy(tmp_path, lambda b: None)
     before = json.loads((folder / "config.json").read_text())["trees"]
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in STORY_PROMPTS[:2]))
-    cdt_tune.main(["--drafter", str(folder), "--target", "stories260K", "--prompts", str(prompts), "--dtype",
+    prompts.write_text("".join(json.dumps({"turns": [p, "a second turn"]}) + "\n" for p in STORY_PROMPTS[:2]))
+    cli.main(["tune-tree", "--drafter", str(folder), "--target", "stories260K", "--prompts", str(prompts), "--dtype",
                    "bfloat16", "--max-new-tokens", "24", "--passes", "1"])
     trees = json.loads((folder / "config.json").read_text())["trees"]
     assert set(trees) == set(before) | {"cpu-bfloat16"} and trees["cpu-float32"] == before["cpu-float32"]
@@ -160,7 +161,7 @@ def test_tuning_and_evaluation_share_the_chat_template_encoding(tmp_path, monkey
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in STORY_PROMPTS[:3]))
     expected = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                               tokenize=True, return_dict=True)["input_ids"] for p in STORY_PROMPTS[:3]]
-    assert evaluate.encode_prompts(tokenizer, [str(prompts)]) == expected
+    assert prompts_mod.encode_sources(tokenizer, [str(prompts)]) == expected
 
     seen = {}
     model, _ = load_target("stories260K")
@@ -172,7 +173,7 @@ def test_tuning_and_evaluation_share_the_chat_template_encoding(tmp_path, monkey
 
     monkeypatch.setattr(cdt_tune, "measure_ranks", stop)
     with pytest.raises(KeyboardInterrupt):
-        cdt_tune.main(["--drafter", str(_drafter_copy(tmp_path, lambda b: None)), "--target", "stories260K",
+        cli.main(["tune-tree", "--drafter", str(_drafter_copy(tmp_path, lambda b: None)), "--target", "stories260K",
                        "--prompts", str(prompts), "--dtype", "float32"])
     assert seen["ids"] == expected
 
@@ -307,7 +308,7 @@ def test_fp32_lm_head_in_fp32_is_token_identical(tiny):
 
 def test_bench_bf16_reports_divergence_columns_for_engine_and_prompt_lookup(tmp_path):
     out = tmp_path / "out"
-    rc = bench.main(["--target", "stories260K", "--prompts", "mt-bench", "--num-prompts", "4", "--max-new-tokens",
+    rc = cli.main(["bench", "--target", "stories260K", "--prompts", "mt-bench", "--num-prompts", "4", "--max-new-tokens",
                      "48", "--methods", "generate,spec,pld", "--dtype", "bfloat16", "--fp32-lm-head", "--threads", "1",
                      "--no-breakdown", "--out", str(out), "--no-progress"])
     assert rc == 0

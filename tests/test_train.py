@@ -40,17 +40,17 @@ def tf_data(tmp_path_factory, stories):
 
 # ---------------------------------------------------------------- data
 
-def test_load_prompts_formats(tmp_path):
+def test_load_texts_formats(tmp_path):
     (tmp_path / "a.jsonl").write_text(
         json.dumps({"turns": ["first turn", "second"]}) + "\n\n" + json.dumps({"question": "q?", "answer": "a"}) + "\n")
-    (tmp_path / "b.txt").write_text("story one <|endoftext|> story two")
-    assert fdata.load_prompts([str(tmp_path)]) == ["first turn", "q?", "story one", "story two"]
+    (tmp_path / "b.txt").write_text("story one\nline two <|endoftext|> story two")
     assert fdata.load_texts([str(tmp_path / "a.jsonl")]) == ["first turn", "q?\na"]
+    assert fdata.load_texts([str(tmp_path / "b.txt")]) == ["story one\nline two", "story two"]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"nothing": 1}) + "\n")
     with pytest.raises(ValueError, match="needs one of the keys"):
-        fdata.load_prompts([str(tmp_path / "bad.jsonl")])
+        fdata.load_texts([str(tmp_path / "bad.jsonl")])
     with pytest.raises(ValueError, match="does not exist"):
-        fdata.load_prompts([str(tmp_path / "missing.jsonl")])
+        fdata.load_texts([str(tmp_path / "missing.jsonl")])
 
 
 def test_teacher_forcing_features_are_the_targets(tf_data, stories):
@@ -196,7 +196,7 @@ def test_schedules():
 def _train_cmd(data, out, steps):
     # Run it with cwd=tmp_path: `python -m` puts the working directory first on sys.path, and the
     # repository root holds the source package without its compiled _C.
-    return [sys.executable, "-m", "falcon_ext.cli_train", "train", "--target", "stories260K", "--data", str(data),
+    return [sys.executable, "-m", "falcon_ext.cli", "train", "--target", "stories260K", "--data", str(data),
             "--out", str(out), "--steps", str(steps), "--batch-size", "2", "--seq-len", "24", "--lr", "1e-3",
             "--save-every", "5", "--log-every", "5", "--eval-sequences", "0", "--threads", "1", "--seed", "7"]
 
