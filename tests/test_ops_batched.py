@@ -249,7 +249,8 @@ def test_verify_sample_batched_preserves_target_distribution():
             firsts[b].append(int(tokens[path[b, 1]]) if count > 1 else int(result[b, 1]))
     root = int(tokens[0])
     for b in range(batch):
-        assert chi_square_passes(torch.bincount(torch.tensor(firsts[b]), minlength=q.shape[0]).double(), q[root].double())
+        counts = torch.bincount(torch.tensor(firsts[b]), minlength=q.shape[0]).double()
+        assert chi_square_passes(counts, q[root].double())
     assert n < width  # the rows really are padded
 
 
