@@ -452,6 +452,39 @@ def test_cuda_kv_compact_batched_many_tensors_equals_cpu():
     assert torch.equal(wide_cuda.cpu(), wide)
 
 
+@pytest.mark.cuda
+def test_cuda_batched_ops_run_on_the_current_stream():
+    """As test_ops' stream test: inputs written on a side stream after a long GPU sleep, the ops
+    called on that stream; an op launching (or copying dst_starts) on another stream would read
+    stale inputs."""
+    logits, tokens, parents = batched_verify_inputs(3, 40, "wide", torch.float32, 71, False)
+    probs, u = torch.nan_to_num(logits, nan=0.0).softmax(-1), torch.rand(3, 41, generator=gen(72))
+    prefix = prefix_masks(3, 9, gen(73))
+    kv = torch.randn(3, 2, 50, 8, generator=gen(74))
+    paths, dst = random_paths(3, 20, 50, gen(75))
+    fresh = [parents, prefix, logits, probs, tokens, u, kv, paths]
+    stale = [torch.full_like(parents, -1), torch.zeros_like(prefix), torch.zeros_like(logits), torch.ones_like(probs),
+             torch.zeros_like(tokens), torch.zeros_like(u), torch.zeros_like(kv), torch.zeros_like(paths)]
+    d_fresh, d_in = [t.cuda() for t in fresh], [t.cuda() for t in stale]
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        for target, source in zip(d_in, d_fresh):
+            target.copy_(source)
+        d_parents, d_prefix, d_logits, d_probs, d_tokens, d_u, d_kv, d_paths = d_in
+        built = ops.tree_build_batched(d_parents, d_prefix)
+        greedy = ops.tree_verify_greedy_batched(d_logits, d_tokens, d_parents)
+        sampled = ops.tree_verify_sample_batched(d_probs, d_tokens, d_parents, d_u)
+        ops.kv_compact_batched_([d_kv], d_paths, dst, 20)
+    side.synchronize()
+    assert equal_on("cuda", built, ops.tree_build_batched(parents, prefix))
+    assert equal_on("cuda", greedy, ops.tree_verify_greedy_batched(logits, tokens, parents))
+    assert equal_on("cuda", sampled, ops.tree_verify_sample_batched(probs, tokens, parents, u))
+    ops.kv_compact_batched_([kv], paths, dst, 20)
+    assert torch.equal(d_kv.cpu(), kv)
+
+
 # ---------------------------------------------------------------- schemas
 
 
