@@ -12,7 +12,6 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -134,7 +133,7 @@ void check_kv_paths_cpu(at::TensorList kv, const at::Tensor& paths, int64_t src_
                     "] = ", p[b][j - 1], " and paths[", b, ", ", j, "] = ", p[b][j]);
       }
     }
-    const int64_t last = p[b][std::min(length, paths.size(1)) - 1];
+    const int64_t last = p[b][length - 1];
     for (size_t i = 0; i < kv.size(); ++i) {
       // last < S - src_start: src_start + last could overflow int64 (see check_kv_path_cpu)
       TORCH_CHECK(last < kv[i].size(2) - src_start, "src_start + paths[", b, "][-1] = ",

@@ -1,5 +1,5 @@
 // Declarations of every falcon_ext op (CPU reference + CUDA kernel) and the argument checks
-// they share. Shapes: N = tree nodes, V = vocabulary, P = prefix (cached) length.
+// they share. Shapes: N = tree nodes, V = vocabulary, P = prefix (cached) length, B = batch rows.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
