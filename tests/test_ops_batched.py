@@ -10,8 +10,11 @@ with the reference is the CUDA == CPU check, since the CPU op equals the referen
 """
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
+import transformers
 from test_ops import FLOAT_DTYPES, SHAPES, VOCAB, chi_square_passes, gen, markov_case, random_path, seed_of
 
 from falcon_ext import ops
@@ -483,6 +486,83 @@ def test_cuda_batched_ops_run_on_the_current_stream():
     assert equal_on("cuda", sampled, ops.tree_verify_sample_batched(probs, tokens, parents, u))
     ops.kv_compact_batched_([kv], paths, dst, 20)
     assert torch.equal(d_kv.cpu(), kv)
+
+
+# ---------------------------------------------------------------- the cache layout, with a model
+
+
+def cache_tensors(cache) -> list[torch.Tensor]:
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def crop(cache, length: int) -> None:
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+
+
+def test_cache_layout_verifies_each_row_as_alone(tiny):
+    """docs/batched_ops.md's layout on a tiny target of each family: left-padded prompts of
+    different lengths in one cache, two steps of trees of different sizes verified in one
+    forward (tree_build_batched), each row's accepted path compacted to its own length
+    (kv_compact_batched_, leaving stale slots in the shorter rows). Every row's tree logits
+    equal those of the same row run alone through the batch-1 ops (fp32, within 1e-4: the
+    batched forward reduces over a longer, masked prefix), and so do its path and next token."""
+    model, g = tiny, gen(5)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    vocab, lengths = model.config.vocab_size, [5, 9, 7]
+    prompts = [torch.randint(1, vocab, (n,), generator=g) for n in lengths]
+    width = max(lengths)
+    ids, attention = torch.zeros(3, width, dtype=torch.int64), torch.zeros(3, width, dtype=torch.int64)
+    for b, prompt in enumerate(prompts):
+        ids[b, width - len(prompt) :], attention[b, width - len(prompt) :] = prompt, 1
+
+    def forward(cache, **kwargs):
+        return model(use_cache=True, **{cache_arg: cache}, **kwargs).logits
+
+    with torch.no_grad():
+        cache, alone = transformers.DynamicCache(), [transformers.DynamicCache() for _ in prompts]
+        forward(cache, input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0))
+        for prompt, row_cache in zip(prompts, alone):
+            forward(row_cache, input_ids=prompt[None])
+        ends, alone_lengths = [width] * 3, list(lengths)  # each row's slots in the batch cache / alone
+        contexts = [prompt.tolist() for prompt in prompts]
+        for plan in ([(3, 2), (0, 4), (1, 0)], [(0, 3), (2, 0), (4, 2)]):  # per row: (chain, decoys)
+            trees, drafts = [], []
+            for context, (chain, decoys) in zip(contexts, plan):
+                # a random root, then the target's own greedy continuation (accepted) and decoys
+                root = int(torch.randint(0, vocab, (1,), generator=g))
+                follow = model.generate(torch.tensor([context + [root]]), do_sample=False, max_new_tokens=max(chain, 1),
+                                        pad_token_id=0)[0, len(context) + 1 :].tolist()[:chain]
+                decoy_parents = torch.randint(0, chain + 1, (decoys,), generator=g).tolist()
+                trees.append(torch.tensor([-1] + list(range(chain)) + decoy_parents))
+                drafts.append(torch.tensor([root] + follow + torch.randint(0, vocab, (decoys,), generator=g).tolist()))
+            sizes = [len(t) for t in trees]
+            parents, tokens = pad_rows(trees, max(sizes), -1), pad_rows(drafts, max(sizes), 0)
+            mask, positions, _ = ops.tree_build_batched(parents, attention, torch.float32)
+            logits = forward(cache, input_ids=tokens, attention_mask=mask[:, None], position_ids=positions)
+            path, result = ops.tree_verify_greedy_batched(logits, tokens, parents)
+            for b, n in enumerate(sizes):
+                row_mask, row_positions, _ = ops.tree_build(trees[b], alone_lengths[b])
+                row_logits = forward(alone[b], input_ids=drafts[b][None], attention_mask=row_mask[None, None],
+                                     position_ids=row_positions[None])[0]
+                torch.testing.assert_close(logits[b, :n], row_logits, rtol=1e-4, atol=1e-4)
+                row_path, row_result = ops.tree_verify_greedy(row_logits, drafts[b], trees[b])
+                assert torch.equal(path[b, :n], row_path) and torch.equal(result[b], row_result)
+                count = int(row_result[0])
+                contexts[b] += drafts[b][row_path[:count]].tolist()
+                ops.kv_compact_(cache_tensors(alone[b]), row_path[:count], alone_lengths[b])
+                alone_lengths[b] += count
+                crop(alone[b], alone_lengths[b])
+            ops.kv_compact_batched_(cache_tensors(cache), path, ends, attention.shape[1])
+            new_ends = [end + int(count) for end, count in zip(ends, result[:, 0])]
+            kept = min(attention.shape[1], max(new_ends))
+            crop(cache, max(new_ends))
+            grown = torch.zeros(3, max(new_ends), dtype=torch.int64)
+            grown[:, :kept] = attention[:, :kept]
+            for b, (end, new_end) in enumerate(zip(ends, new_ends)):
+                grown[b, end:new_end] = 1
+            attention, ends = grown, new_ends
+        assert len(set(ends)) > 1  # the rows did end at different lengths: stale slots were hidden
 
 
 # ---------------------------------------------------------------- schemas
