@@ -247,3 +247,77 @@ def test_kv_compact(benchmark, rows, model, n, device):
     compare(benchmark, rows, device=device, op_name="kv_compact_",
             case=f"{model} {2 * layers} tensors N={n} moved={moved}",
             op=op, plain=lambda: plain_kv_compact_(plain_kv, path, PREFIX), op_bytes=kv_bytes, plain_bytes=kv_bytes)
+
+
+# ---------------------------------------------------------------- batched (docs/batched_ops.md)
+
+BATCH = 4  # rows per batched case; row b's tree has n - 3b nodes, padded to n
+
+
+def batched_trees(n, vocab, device):
+    """(logits [B, n, V], tokens, parents [B, n]) of BATCH wide trees of different sizes, padded."""
+    rows = [wide_tree(n - 3 * b, vocab, device, seed=b) for b in range(BATCH)]
+    logits = torch.zeros(BATCH, n, vocab, dtype=rows[0][0].dtype, device=device)
+    tokens = torch.zeros(BATCH, n, dtype=torch.int64, device=device)
+    parents = torch.full((BATCH, n), -1, dtype=torch.int64, device=device)
+    for b, (row_logits, row_tokens, row_parents) in enumerate(rows):
+        size = row_tokens.numel()
+        logits[b, :size], tokens[b, :size], parents[b, :size] = row_logits, row_tokens, row_parents
+    return logits, tokens, parents, [n - 3 * b for b in range(BATCH)]
+
+
+@pytest.mark.benchmark(group="tree_verify_greedy_batched")
+@pytest.mark.parametrize("n, vocab, device", [(n, vocab, device) for n in NODES for vocab in VOCABS[:2]
+                                              for device in DEVICES])
+def test_tree_verify_greedy_batched(benchmark, rows, n, vocab, device):
+    """The batched op against one batch-1 op call per row (what the engine would do without it)."""
+    logits, tokens, parents, sizes = batched_trees(n, vocab, device)
+
+    def per_row():
+        outs = [ops.tree_verify_greedy(logits[b, :s], tokens[b, :s], parents[b, :s]) for b, s in enumerate(sizes)]
+        path = torch.full((BATCH, n), -1, dtype=torch.int64, device=device)
+        for b, (row_path, _) in enumerate(outs):
+            path[b, : row_path.numel()] = row_path
+        return path, torch.stack([r for _, r in outs])
+
+    accepted = int(ops.tree_verify_greedy_batched(logits, tokens, parents)[1][:, 0].sum())
+    row_bytes = vocab * logits.element_size()
+    compare(benchmark, rows, device=device, op_name="greedy_batched", case=f"B={BATCH} N={n} V={vocab} acc={accepted}",
+            op=lambda: ops.tree_verify_greedy_batched(logits, tokens, parents), plain=per_row,
+            op_bytes=accepted * row_bytes, plain_bytes=accepted * row_bytes)
+
+
+@pytest.mark.benchmark(group="kv_compact_batched_")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", NODES)
+def test_kv_compact_batched(benchmark, rows, n, device):
+    """Ragged compaction of BATCH rows (dst_starts PREFIX - 7b, the tree at PREFIX) against a
+    per-row gather and copy."""
+    layers, heads, head_dim = KV_SHAPES["smollm2-135m"]
+    logits, tokens, parents, _ = batched_trees(n, 512, device)
+    paths = ops.tree_verify_greedy_batched(logits, tokens, parents)[0]
+    dst_starts = [PREFIX - 7 * b for b in range(BATCH)]
+    g = torch.Generator().manual_seed(n)
+    cache = [torch.randn(BATCH, heads, PREFIX + n, head_dim, generator=g).to(device, float_dtype(device))
+             for _ in range(2 * layers)]
+    op_kv, plain_kv = [t.clone() for t in cache], [t.clone() for t in cache]
+    del cache
+    row_paths = [row[row >= 0] for row in paths]
+    # Entries that really move (dst_starts[b] + j != PREFIX + path[j]), read once and written once.
+    moved = sum(int((torch.arange(path.numel(), device=device) + dst != path + PREFIX).sum())
+                for path, dst in zip(row_paths, dst_starts))
+    kv_bytes = 2 * moved * 2 * layers * heads * head_dim * op_kv[0].element_size()
+
+    def op():
+        ops.kv_compact_batched_(op_kv, paths, dst_starts, PREFIX)
+        return op_kv
+
+    def plain():
+        for t in plain_kv:
+            for b, path in enumerate(row_paths):
+                t[b].narrow(1, dst_starts[b], path.numel()).copy_(t[b].index_select(1, path + PREFIX))
+        return plain_kv
+
+    compare(benchmark, rows, device=device, op_name="kv_compact_batched_",
+            case=f"smollm2-135m B={BATCH} N={n} moved={moved}", op=op, plain=plain, op_bytes=kv_bytes,
+            plain_bytes=kv_bytes)

@@ -79,7 +79,8 @@ build() {
   FALCON_EXT_CUDA=1 MAX_JOBS=$(nproc) "$py" setup.py build_ext --inplace &&
     "$py" -c 'import torch, falcon_ext
 assert falcon_ext.compiled_with_cuda(), "built without the CUDA kernels"
-for op in ("tree_build", "tree_verify_greedy", "tree_verify_sample", "kv_compact_", "falcon_draft_step"):
+for op in ("tree_build", "tree_verify_greedy", "tree_verify_sample", "kv_compact_", "falcon_draft_step",
+           "tree_build_batched", "tree_verify_greedy_batched", "tree_verify_sample_batched", "kv_compact_batched_"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"falcon_ext::{op}", "CUDA"), op
 print("falcon_ext with CUDA kernels:", falcon_ext.__file__)'
 }
@@ -92,7 +93,7 @@ sanitize() {  # sanitize TOOL: the CUDA op tests under compute-sanitizer
   local filter=(--kernel-name kns=falcon_ext)
   "$cs" --help 2>&1 | grep -q -- '--kernel-name' || filter=(--filter kns=falcon_ext)
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool "$1" "${filter[@]}" --error-exitcode 1 \
-    "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_ops.py tests/test_draft_step.py
+    "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_ops.py tests/test_ops_batched.py tests/test_draft_step.py
 }
 
 export py

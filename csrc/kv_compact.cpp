@@ -6,6 +6,9 @@
 // Aliasing: with path [0, 2, 5], slot dst_start+2 is a destination (j = 2) and a source (j = 1).
 // Copying in increasing j is safe because path[j'] > path[j] >= j for j' > j: every source still
 // to be read lies above every slot written so far.
+// kv_compact_batched_: row b of every tensor moves entry src_start + paths[b, j] to
+// dst_starts[b] + j (paths -1 padded). With dst_starts[b] <= src_start the same order is safe:
+// src_start + paths[b, j'] > src_start + paths[b, j] >= src_start + j >= dst_starts[b] + j.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
@@ -17,11 +20,10 @@
 
 namespace falcon_ext {
 
-void check_kv_compact_args(at::TensorList kv, const at::Tensor& path, int64_t dst_start) {
-  FALCON_CHECK_DIM(path, 1);
-  FALCON_CHECK_DTYPE(path, at::kLong);
-  TORCH_CHECK(path.numel() >= 1, "path must hold at least the root (path[0] == 0), got an empty tensor");
-  TORCH_CHECK(dst_start >= 0, "dst_start must be >= 0, got ", dst_start);
+namespace {
+
+// The kv tensors of either op: [B, H, S, D], one float dtype, on `device`, no memory shared.
+void check_kv_tensors(at::TensorList kv, const at::Device& device, const char* path_name) {
   for (size_t i = 0; i < kv.size(); ++i) {
     const at::Tensor& t = kv[i];
     TORCH_CHECK(t.dim() == 4, "kv[", i, "] must have shape [B, H, S, D], got ", t.sizes());
@@ -30,8 +32,8 @@ void check_kv_compact_args(at::TensorList kv, const at::Tensor& path, int64_t ds
                 "] must be float32, float16 or bfloat16, got ", st);
     TORCH_CHECK(st == kv[0].scalar_type(), "all kv tensors must share one dtype: kv[0] is ", kv[0].scalar_type(),
                 ", kv[", i, "] is ", st);
-    TORCH_CHECK(t.device() == path.device(), "kv[", i, "] and path must be on the same device, got ", t.device(),
-                " and ", path.device());
+    TORCH_CHECK(t.device() == device, "kv[", i, "] and ", path_name, " must be on the same device, got ", t.device(),
+                " and ", device);
     TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "kv[", i,
                 "] has elements sharing memory (e.g. an expanded view); compaction needs distinct slots");
   }
@@ -52,6 +54,38 @@ void check_kv_compact_args(at::TensorList kv, const at::Tensor& path, int64_t ds
       TORCH_CHECK(spans[i].first >= spans[j].second || spans[j].first >= spans[i].second, "kv[", j, "] and kv[", i,
                   "] share memory; every cache tensor must have its own (compaction would move shared slots twice)");
     }
+  }
+}
+
+}  // namespace
+
+void check_kv_compact_args(at::TensorList kv, const at::Tensor& path, int64_t dst_start) {
+  FALCON_CHECK_DIM(path, 1);
+  FALCON_CHECK_DTYPE(path, at::kLong);
+  TORCH_CHECK(path.numel() >= 1, "path must hold at least the root (path[0] == 0), got an empty tensor");
+  TORCH_CHECK(dst_start >= 0, "dst_start must be >= 0, got ", dst_start);
+  check_kv_tensors(kv, path.device(), "path");
+}
+
+void check_kv_compact_batched_args(at::TensorList kv, const at::Tensor& paths, at::IntArrayRef dst_starts,
+                                   int64_t src_start) {
+  TORCH_CHECK(paths.dim() == 2, "paths must have shape [B, L], got ", paths.sizes());
+  FALCON_CHECK_DTYPE(paths, at::kLong);
+  TORCH_CHECK(paths.size(0) >= 1 && paths.size(1) >= 1,
+              "paths must have B >= 1 rows of L >= 1 entries (each row holds at least its root), got ", paths.sizes());
+  const int64_t batch = paths.size(0);
+  TORCH_CHECK(static_cast<int64_t>(dst_starts.size()) == batch, "dst_starts must have B = ", batch,
+              " entries (one per row of paths), got ", dst_starts.size());
+  TORCH_CHECK(src_start >= 0, "src_start must be >= 0, got ", src_start);
+  for (int64_t b = 0; b < batch; ++b) {
+    // dst <= src keeps the in-order copy from overwriting a source still to be read (header comment)
+    TORCH_CHECK(dst_starts[b] >= 0 && dst_starts[b] <= src_start, "dst_starts[", b, "] must be in [0, src_start = ",
+                src_start, "], got ", dst_starts[b]);
+  }
+  check_kv_tensors(kv, paths.device(), "paths");
+  for (size_t i = 0; i < kv.size(); ++i) {
+    TORCH_CHECK(kv[i].size(0) == batch, "kv[", i, "] must have shape [B = ", batch,
+                ", H, S, D] (one cache row per row of paths), got ", kv[i].sizes());
   }
 }
 
@@ -79,6 +113,48 @@ void kv_compact_cpu(at::TensorList kv, const at::Tensor& path, int64_t dst_start
   for (const at::Tensor& t : kv) {
     for (int64_t j = 0; j < path.numel(); ++j) {  // increasing j: see the aliasing note above
       if (p[j] != j) t.select(2, dst_start + j).copy_(t.select(2, dst_start + p[j]));
+    }
+  }
+}
+
+void check_kv_paths_cpu(at::TensorList kv, const at::Tensor& paths, int64_t src_start) {
+  const auto p = paths.accessor<int64_t, 2>();
+  for (int64_t b = 0; b < paths.size(0); ++b) {
+    TORCH_CHECK(p[b][0] == 0, "paths[", b, ", 0] must be 0 (the root is always kept), got ", p[b][0]);
+    int64_t length = paths.size(1);
+    for (int64_t j = 1; j < paths.size(1); ++j) {
+      if (length < j) {
+        TORCH_CHECK(p[b][j] == -1, "paths[", b, "] must be -1 after its first -1 (padding fills the end of the row), ",
+                    "got paths[", b, ", ", j, "] = ", p[b][j]);
+      } else if (p[b][j] == -1) {
+        length = j;
+      } else {
+        TORCH_CHECK(p[b][j] > p[b][j - 1], "paths[", b, "] must be strictly increasing, got paths[", b, ", ", j - 1,
+                    "] = ", p[b][j - 1], " and paths[", b, ", ", j, "] = ", p[b][j]);
+      }
+    }
+    const int64_t last = p[b][length - 1];
+    for (size_t i = 0; i < kv.size(); ++i) {
+      // last < S - src_start: src_start + last could overflow int64 (see check_kv_path_cpu)
+      TORCH_CHECK(last < kv[i].size(2) - src_start, "src_start + paths[", b, "][-1] = ",
+                  static_cast<uint64_t>(src_start) + static_cast<uint64_t>(last), " is outside kv[", i,
+                  "]'s sequence length ", kv[i].size(2));
+    }
+  }
+}
+
+void kv_compact_batched_cpu(at::TensorList kv, const at::Tensor& paths, at::IntArrayRef dst_starts,
+                            int64_t src_start) {
+  check_kv_compact_batched_args(kv, paths, dst_starts, src_start);
+  check_kv_paths_cpu(kv, paths, src_start);
+  const auto p = paths.accessor<int64_t, 2>();
+  for (const at::Tensor& t : kv) {
+    for (int64_t b = 0; b < paths.size(0); ++b) {
+      const at::Tensor row = t[b];  // [H, S, D]
+      for (int64_t j = 0; j < paths.size(1) && p[b][j] >= 0; ++j) {  // increasing j: see the header comment
+        const int64_t src = src_start + p[b][j], dst = dst_starts[b] + j;
+        if (src != dst) row.select(1, dst).copy_(row.select(1, src));
+      }
     }
   }
 }

@@ -1,5 +1,5 @@
 // Declarations of every falcon_ext op (CPU reference + CUDA kernel) and the argument checks
-// they share. Shapes: N = tree nodes, V = vocabulary, P = prefix (cached) length.
+// they share. Shapes: N = tree nodes, V = vocabulary, P = prefix (cached) length, B = batch rows.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -57,6 +57,42 @@ void check_kv_compact_args(at::TensorList kv, const at::Tensor& path, int64_t ds
 // path must be a CPU tensor. The CPU op's check, also used by the CUDA op when it launches nothing.
 void check_kv_path_cpu(at::TensorList kv, const at::Tensor& path, int64_t dst_start);
 
+// ---- batched trees: B rows, each padded to the step's largest tree (N nodes) ----
+// A row's tree is its first n nodes (a valid tree as above); nodes n..N-1 are padding, marked by
+// parent -1 (the root's marker: a padding node is the child of nothing, so no walk from the root
+// reaches it). Padding must be a suffix of the row. Padding nodes' tokens and scores are never read.
+
+// The per-node rule for row `row` of batched parents (also used by the CUDA launcher to report the
+// first bad node its kernel found): throws unless node 0 has parent -1, a padding node (parent -1)
+// or a non-root node with 0 <= parent < node; `after_padding`: a padding node precedes this one,
+// which then must be padding too.
+void check_padded_tree_node(int64_t row, int64_t node, int64_t parent, bool after_padding);
+
+// Checks row `row` of parents [B, N] int64 (CPU) with check_padded_tree_node and returns its node
+// count n (1 <= n <= N). Reads nothing out of bounds.
+int64_t check_padded_tree_row_cpu(const at::Tensor& parents, int64_t row);
+
+// Argument checks of tree_build_batched that need no data: parents [B >= 1, N >= 1] int64,
+// prefix_mask [B, P] bool or int64 on parents' device, a floating mask dtype.
+void check_tree_build_batched_args(const at::Tensor& parents, const at::Tensor& prefix_mask, at::ScalarType dtype);
+
+// Shape / dtype / device checks of the batched verify ops: scores [B, N, V] float32/float16/bfloat16
+// with B, N, V >= 1, tokens and parents [B, N] int64 on its device.
+void check_batched_verify_args(const at::Tensor& scores, const char* scores_name, const at::Tensor& tokens,
+                               const at::Tensor& parents);
+
+// uniforms [B, N + 1] float32 on probs' device (tree_verify_sample_batched).
+void check_batched_sample_uniforms(const at::Tensor& uniforms, const at::Tensor& probs);
+
+// Checks of kv_compact_batched_ that need no path values: paths [B >= 1, L >= 1] int64, src_start >= 0,
+// B dst_starts each in [0, src_start], the kv tensors as for kv_compact_ and each with batch size B.
+void check_kv_compact_batched_args(at::TensorList kv, const at::Tensor& paths, at::IntArrayRef dst_starts,
+                                   int64_t src_start);
+
+// The paths' values (CPU tensor): each row root first (paths[b, 0] == 0), strictly increasing, then
+// -1 padding to L; src_start + the row's last node inside every tensor.
+void check_kv_paths_cpu(at::TensorList kv, const at::Tensor& paths, int64_t src_start);
+
 // ---- tree_build: verification inputs for a draft tree ----
 // parents [N] int64 -> (mask [N, P + N] dtype: 0 = visible, -inf = hidden;
 //                       position_ids [N] int64 = P + depth;
@@ -90,6 +126,33 @@ std::tuple<at::Tensor, at::Tensor> tree_verify_sample_cpu(const at::Tensor& prob
 // (strictly increasing, as tree_verify returns them); entry dst_start + path[j] moves to dst_start + j.
 void kv_compact_cpu(at::TensorList kv, const at::Tensor& path, int64_t dst_start);
 
+// ---- batched ops (B rows; the checks above say how rows are padded) ----
+// tree_build_batched: parents [B, N] int64, prefix_mask [B, P] bool/int64 (nonzero = the cache slot
+// holds one of the row's tokens) -> (mask [B, N, P + N] dtype; position_ids [B, N] int64 = the row's
+// visible prefix count + depth; retrieve_paths [B, max leaves, max depth + 1] int64, -1 padded).
+// Real node i sees the row's visible prefix slots, its ancestors and itself; a padding node sees
+// only itself (never an all -inf row, see tree_build.cpp), and no real node sees a padding node.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_build_batched_cpu(const at::Tensor& parents,
+                                                                      const at::Tensor& prefix_mask,
+                                                                      at::ScalarType dtype);
+
+// tree_verify_greedy_batched / tree_verify_sample_batched: scores [B, N, V], tokens and parents
+// [B, N], uniforms [B, N + 1] (row b: uniforms[b, i] tests node i, uniforms[b, n_b] draws the last
+// token) -> (path [B, N] int64, result [B, 2] int64). Row b's outputs are the batch-1 op's on the
+// row's first n_b nodes (with uniforms[b, :n_b + 1]), path -1 padded to N.
+std::tuple<at::Tensor, at::Tensor> tree_verify_greedy_batched_cpu(const at::Tensor& logits, const at::Tensor& tokens,
+                                                                  const at::Tensor& parents);
+std::tuple<at::Tensor, at::Tensor> tree_verify_sample_batched_cpu(const at::Tensor& probs, const at::Tensor& tokens,
+                                                                  const at::Tensor& parents,
+                                                                  const at::Tensor& uniforms);
+
+// kv_compact_batched_: kv list of [B, H, S, D], paths [B, L] int64 (-1 padded, as the batched verify
+// ops return them); for every tensor and row b: entry src_start + paths[b, j] moves to
+// dst_starts[b] + j, with dst_starts[b] <= src_start (each row's tree was appended at src_start,
+// each row's cache ends at its own dst_starts[b]).
+void kv_compact_batched_cpu(at::TensorList kv, const at::Tensor& paths, at::IntArrayRef dst_starts,
+                            int64_t src_start);
+
 // ---- falcon_draft_step: one Falcon drafter forward over a block of k positions, B branches ----
 // x [B, k, 2H], h0/c0 [2, B, H], ctx_k/ctx_v [S, H], br_k/br_v [B, D, H],
 // weights: kNumDraftWeights tensors in DraftWeight slot order (below); all one dtype/device.
@@ -119,6 +182,16 @@ std::tuple<at::Tensor, at::Tensor> tree_verify_greedy_cuda(const at::Tensor& log
                                                            const at::Tensor& parents);
 std::tuple<at::Tensor, at::Tensor> tree_verify_sample_cuda(const at::Tensor& probs, const at::Tensor& tokens,
                                                            const at::Tensor& parents, const at::Tensor& uniforms);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_build_batched_cuda(const at::Tensor& parents,
+                                                                       const at::Tensor& prefix_mask,
+                                                                       at::ScalarType dtype);
+std::tuple<at::Tensor, at::Tensor> tree_verify_greedy_batched_cuda(const at::Tensor& logits, const at::Tensor& tokens,
+                                                                   const at::Tensor& parents);
+std::tuple<at::Tensor, at::Tensor> tree_verify_sample_batched_cuda(const at::Tensor& probs, const at::Tensor& tokens,
+                                                                   const at::Tensor& parents,
+                                                                   const at::Tensor& uniforms);
+void kv_compact_batched_cuda(at::TensorList kv, const at::Tensor& paths, at::IntArrayRef dst_starts,
+                             int64_t src_start);
 void kv_compact_cuda(at::TensorList kv, const at::Tensor& path, int64_t dst_start);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_draft_step_cuda(
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& ctx_k,

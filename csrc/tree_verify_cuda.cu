@@ -7,6 +7,13 @@
 // (accepted = 0, next token = -1) with path all -1, and touch no row. Callers read `result`
 // anyway; ops.py documents that a 0 count means malformed input. The CPU ops raise instead.
 //
+// Batched ops: one block per row (blockIdx.x) of contiguous [B, N, ...] inputs, the same kernels
+// instantiated with kPadded (ops.h: a row's tree is its first n_b nodes, parent -1 pads). Padding
+// needs no change to the walk: a padding node is nobody's child, so no child search accepts it;
+// only the validation and the last uniform (uniforms[b, n_b]) depend on n_b. A malformed row gets
+// the sentinel; the other rows' blocks do not look at it. The batch-1 ops launch one block with
+// kPadded = false, where the row offsets are 0 and the node count is N.
+//
 // Float arithmetic matches the CPU reference bit for bit: float32 values, the same reduction
 // order for sums (kSampleChunks chunks, ops.h), explicit _rn intrinsics so that nvcc cannot
 // contract a multiply and an add into an FMA, and argmax ties resolved to the lowest index.
@@ -28,15 +35,34 @@ constexpr int kThreads = static_cast<int>(kSampleChunks);  // thread t owns sum 
 static_assert(kThreads == 1024, "one block of 1024 threads: the chunk order of ops.h");
 constexpr int64_t kNoIndex = INT64_MAX;
 
-// Block-wide: every parent valid and every token in [0, vocab). Called by all threads.
-__device__ bool inputs_valid(const int64_t* __restrict__ tokens, const int64_t* __restrict__ parents, int64_t n,
-                             int64_t vocab) {
+// Block-wide: the row's node count (N unless kPadded: nodes before the first padding node), or -1
+// unless every real node's parent is valid, every real node's token in [0, vocab) and every node
+// after the first padding node padding too. Padding nodes' tokens are not read. Called by all threads.
+template <bool kPadded>
+__device__ int64_t valid_node_count(const int64_t* __restrict__ tokens, const int64_t* __restrict__ parents, int64_t n,
+                                    int64_t vocab) {
+  int64_t nodes = n;
+  if (kPadded) {
+    __shared__ unsigned long long first_padding;
+    if (threadIdx.x == 0) first_padding = n;
+    __syncthreads();
+    for (int64_t i = 1 + threadIdx.x; i < n; i += blockDim.x) {
+      if (parents[i] == -1) atomicMin(&first_padding, static_cast<unsigned long long>(i));
+    }
+    __syncthreads();
+    nodes = static_cast<int64_t>(first_padding);
+  }
   bool ok = true;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const int64_t p = parents[i], t = tokens[i];
-    ok = ok && (i == 0 ? p == -1 : (p >= 0 && p < i)) && t >= 0 && t < vocab;
+    const int64_t p = parents[i];
+    if (i < nodes) {
+      const int64_t t = tokens[i];
+      ok = ok && (i == 0 ? p == -1 : (p >= 0 && p < i)) && t >= 0 && t < vocab;
+    } else {
+      ok = ok && p == -1;
+    }
   }
-  return __syncthreads_and(ok);
+  return __syncthreads_and(ok) ? nodes : -1;
 }
 
 __device__ void write_outputs(int64_t* __restrict__ path, int64_t* __restrict__ result, int64_t n, int64_t count,
@@ -85,7 +111,7 @@ __device__ int64_t block_argmax(const scalar_t* __restrict__ row, int64_t vocab,
   return winner;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kPadded>
 __global__ void __launch_bounds__(kThreads)
     verify_greedy_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ tokens,
                          const int64_t* __restrict__ parents, int64_t n, int64_t vocab, int64_t* __restrict__ path,
@@ -93,7 +119,9 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float vals[kThreads];
   __shared__ int64_t idxs[kThreads];
   __shared__ unsigned long long next_child;
-  if (!inputs_valid(tokens, parents, n, vocab)) return write_outputs(path, result, n, 0, -1);
+  const int64_t row = blockIdx.x;
+  logits += row * n * vocab, tokens += row * n, parents += row * n, path += row * n, result += row * 2;
+  if (valid_node_count<kPadded>(tokens, parents, n, vocab) < 0) return write_outputs(path, result, n, 0, -1);
   int64_t cur = 0, count = 1;
   if (threadIdx.x == 0) path[0] = 0;
   while (true) {
@@ -176,7 +204,7 @@ __device__ int64_t draw_residual(const scalar_t* __restrict__ row, const int64_t
   return -1;  // unreachable: the selected chunk has a positive sum
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kPadded>
 __global__ void __launch_bounds__(kThreads)
     verify_sample_kernel(const scalar_t* __restrict__ probs, const int64_t* __restrict__ tokens,
                          const int64_t* __restrict__ parents, const float* __restrict__ uniforms, int64_t n,
@@ -186,15 +214,19 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float vals[kThreads];
   __shared__ int64_t idxs[kThreads];
   __shared__ int64_t shared_index;
-  if (!inputs_valid(tokens, parents, n, vocab)) return write_outputs(path, result, n, 0, -1);
+  const int64_t row = blockIdx.x;  // rejected_at: one [V] slice per row
+  probs += row * n * vocab, tokens += row * n, parents += row * n, uniforms += row * (n + 1);
+  rejected_at += row * vocab, path += row * n, result += row * 2;
+  const int64_t nodes = valid_node_count<kPadded>(tokens, parents, n, vocab);
+  if (nodes < 0) return write_outputs(path, result, n, 0, -1);
   const int64_t chunk = (vocab + kThreads - 1) / kThreads;
   for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) rejected_at[v] = -1;
   __syncthreads();
   int64_t cur = 0, count = 1;
   if (threadIdx.x == 0) path[0] = 0;
   while (true) {
-    const scalar_t* row = probs + cur * vocab;
-    float sum = residual_total(row, rejected_at, cur, vocab, chunk, sums);
+    const scalar_t* node_row = probs + cur * vocab;
+    float sum = residual_total(node_row, rejected_at, cur, vocab, chunk, sums);
     if (threadIdx.x == 0) {
       // Children in index order; accept c iff u[c] * sum < residual[token]; a rejection removes
       // the token's mass. Sequential: each test depends on the previous rejections.
@@ -202,7 +234,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t c = cur + 1; c < n && accepted == n; ++c) {
         if (parents[c] != cur) continue;
         const int64_t token = tokens[c];
-        const float w = residual(row, rejected_at, cur, token);
+        const float w = residual(node_row, rejected_at, cur, token);
         if (__fmul_rn(uniforms[c], sum) < w) {
           accepted = c;
         } else {
@@ -220,12 +252,14 @@ __global__ void __launch_bounds__(kThreads)
     ++count;
     cur = child;
   }
-  const scalar_t* row = probs + cur * vocab;
-  const float total = residual_total(row, rejected_at, cur, vocab, chunk, sums);
-  if (threadIdx.x == 0) shared_index = draw_residual(row, rejected_at, cur, vocab, chunk, sums, total, uniforms[n]);
+  const scalar_t* last_row = probs + cur * vocab;
+  const float total = residual_total(last_row, rejected_at, cur, vocab, chunk, sums);
+  if (threadIdx.x == 0) {
+    shared_index = draw_residual(last_row, rejected_at, cur, vocab, chunk, sums, total, uniforms[nodes]);
+  }
   __syncthreads();
   int64_t next_token = shared_index;
-  if (next_token < 0) next_token = block_argmax<Weight>(row, vocab, vals, idxs);  // residual all zero
+  if (next_token < 0) next_token = block_argmax<Weight>(last_row, vocab, vals, idxs);  // residual all zero
   write_outputs(path, result, n, count, next_token);
 }
 
@@ -239,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor> tree_verify_greedy_cuda(const at::Tensor& log
   const at::Tensor scores = logits.contiguous(), tok = tokens.contiguous(), par = parents.contiguous();
   at::Tensor path = at::empty({tok.numel()}, tok.options()), result = at::empty({2}, tok.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "tree_verify_greedy_cuda", [&] {
-    verify_greedy_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
+    verify_greedy_kernel<scalar_t, false><<<1, kThreads, 0, stream>>>(
         scores.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(), par.data_ptr<int64_t>(), scores.size(0),
         scores.size(1), path.data_ptr<int64_t>(), result.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -258,10 +292,50 @@ std::tuple<at::Tensor, at::Tensor> tree_verify_sample_cuda(const at::Tensor& pro
   at::Tensor path = at::empty({tok.numel()}, tok.options()), result = at::empty({2}, tok.options());
   const at::Tensor rejected_at = at::empty({scores.size(1)}, tok.options());  // the kernel initialises it
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "tree_verify_sample_cuda", [&] {
-    verify_sample_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
+    verify_sample_kernel<scalar_t, false><<<1, kThreads, 0, stream>>>(
         scores.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(), par.data_ptr<int64_t>(), u.data_ptr<float>(),
         scores.size(0), scores.size(1), rejected_at.data_ptr<int64_t>(), path.data_ptr<int64_t>(),
         result.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {path, result};
+}
+
+std::tuple<at::Tensor, at::Tensor> tree_verify_greedy_batched_cuda(const at::Tensor& logits, const at::Tensor& tokens,
+                                                                   const at::Tensor& parents) {
+  check_batched_verify_args(logits, "logits", tokens, parents);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor scores = logits.contiguous(), tok = tokens.contiguous(), par = parents.contiguous();
+  const int64_t batch = scores.size(0), n = scores.size(1);
+  at::Tensor path = at::empty({batch, n}, tok.options()), result = at::empty({batch, 2}, tok.options());
+  const auto blocks = static_cast<unsigned>(batch);  // one row per block
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "tree_verify_greedy_batched_cuda", [&] {
+    verify_greedy_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
+        scores.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(), par.data_ptr<int64_t>(), n, scores.size(2),
+        path.data_ptr<int64_t>(), result.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {path, result};
+}
+
+std::tuple<at::Tensor, at::Tensor> tree_verify_sample_batched_cuda(const at::Tensor& probs, const at::Tensor& tokens,
+                                                                   const at::Tensor& parents,
+                                                                   const at::Tensor& uniforms) {
+  check_batched_verify_args(probs, "probs", tokens, parents);
+  check_batched_sample_uniforms(uniforms, probs);
+  const c10::cuda::CUDAGuard guard(probs.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor scores = probs.contiguous(), tok = tokens.contiguous(), par = parents.contiguous();
+  const at::Tensor u = uniforms.contiguous();
+  const int64_t batch = scores.size(0), n = scores.size(1), vocab = scores.size(2);
+  at::Tensor path = at::empty({batch, n}, tok.options()), result = at::empty({batch, 2}, tok.options());
+  const at::Tensor rejected_at = at::empty({batch, vocab}, tok.options());  // the kernel initialises it
+  const auto blocks = static_cast<unsigned>(batch);  // one row per block
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "tree_verify_sample_batched_cuda", [&] {
+    verify_sample_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
+        scores.data_ptr<scalar_t>(), tok.data_ptr<int64_t>(), par.data_ptr<int64_t>(), u.data_ptr<float>(), n, vocab,
+        rejected_at.data_ptr<int64_t>(), path.data_ptr<int64_t>(), result.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {path, result};

@@ -102,6 +102,101 @@ def kv_compact_(kv: list[torch.Tensor], path: torch.Tensor, dst_start: int) -> N
     _ops.kv_compact_(kv, path, dst_start)
 
 
+# ---- batched ops: B rows, one verify forward for the whole batch ----
+#
+# Each row's tree is padded to the step's largest tree (N nodes): row b's tree is its first n_b
+# nodes, and nodes n_b..N-1 have parent -1 (padding; the root's marker, so no walk from the root
+# reaches them). Padding must fill the end of the row; padding nodes' tokens and scores are never
+# read, never accepted, and never visible to a real node.
+#
+# Cache layout these ops assume (the engine's choice for batch > 1): one cache of width P for the
+# whole batch, every row's entries left-aligned in it. Row b holds its tokens in the slots its
+# attention mask marks (left padding of the prompt first, then the row's tokens up to its own
+# length L_b); slots L_b..P-1 are stale (nodes rejected in earlier steps) and hidden by the mask.
+# The verify forward appends every row's tree at the common slots P..P+N-1; kv_compact_batched_
+# then moves row b's accepted path from there to L_b, and the engine crops the cache to
+# max_b(L_b + accepted_b). The cache stays an ordinary transformers cache of one length; only the
+# attention mask is ragged, and position ids come from it as transformers computes them for
+# left-padded rows (the count of visible slots), so each row sees exactly what it would alone.
+
+
+def tree_build_batched(parents: torch.Tensor, prefix_mask: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """Verification inputs for B padded draft trees against a per-row prefix mask.
+
+    Shape:
+        parents: [B, N] int64, row b a tree over its first n_b nodes (parents[b, 0] == -1,
+        0 <= parents[b, i] < i), then -1 padding; prefix_mask: [B, P] bool or int64 on parents'
+        device, nonzero where the cached slot holds one of row b's tokens (the attention mask of
+        the cache; P may be 0).
+    Returns:
+        mask [B, N, P + N] of ``dtype`` (``mask[:, None]`` is the 4D additive mask): 0 where
+        real node i of row b may attend (the row's visible prefix slots, its ancestors, itself),
+        -inf elsewhere; a padding node sees only itself (an all -inf row would give NaN outputs
+        that leak into the other nodes' attention as 0 * NaN); position_ids [B, N] int64 =
+        (visible prefix slots of the row) + depth, the root's for padding nodes; retrieve_paths
+        [B, max leaves, max depth + 1] int64: row b's root-to-leaf paths as :func:`tree_build`
+        gives them for the row alone, -1 padded.
+    Row b's real part equals :func:`tree_build` on ``parents[b, :n_b]`` with prefix_len =
+    prefix_mask[b].count_nonzero(), except that hidden prefix slots are -inf.
+    Raises RuntimeError naming the row for a malformed tree or padding that is not a suffix.
+    """
+    _check_tensors("tree_build_batched", [("parents", parents), ("prefix_mask", prefix_mask)])
+    return _ops.tree_build_batched(parents, prefix_mask, dtype)
+
+
+def tree_verify_greedy_batched(logits: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor):
+    """:func:`tree_verify_greedy` on every row of a batch of padded trees.
+
+    Shape:
+        logits: [B, N, V] float; tokens, parents: [B, N] int64 (padding as for
+        :func:`tree_build_batched`; padding nodes' tokens and logits are not read).
+    Returns:
+        path [B, N] int64 and result [B, 2] int64: row b's are :func:`tree_verify_greedy`'s on
+        the row's first n_b nodes, path -1 padded to N.
+    Raises RuntimeError (naming the row) for bad input on CPU; on CUDA a malformed row gets the
+    sentinel result (0, -1) with its path all -1, and the other rows are verified as usual.
+    """
+    _check_tensors("tree_verify_greedy_batched", [("logits", logits), ("tokens", tokens), ("parents", parents)])
+    return _ops.tree_verify_greedy_batched(logits, tokens, parents)
+
+
+def tree_verify_sample_batched(probs: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
+                               uniforms: torch.Tensor):
+    """:func:`tree_verify_sample` on every row of a batch of padded trees.
+
+    Shape:
+        probs: [B, N, V] float; tokens, parents: [B, N] int64 (padding as for
+        :func:`tree_build_batched`); uniforms: [B, N + 1] float32 in [0, 1): uniforms[b, i]
+        tests node i of row b, uniforms[b, n_b] draws the row's last token (the row's entries
+        past n_b are unused).
+    Returns: as :func:`tree_verify_greedy_batched`; row b's are :func:`tree_verify_sample`'s on
+    ``(probs[b, :n_b], tokens[b, :n_b], parents[b, :n_b], uniforms[b, :n_b + 1])``, with the
+    same fixed summation order, so CPU and CUDA agree bit for bit.
+    """
+    _check_tensors("tree_verify_sample_batched", [("probs", probs), ("tokens", tokens), ("parents", parents),
+                                                  ("uniforms", uniforms)])
+    return _ops.tree_verify_sample_batched(probs, tokens, parents, uniforms)
+
+
+def kv_compact_batched_(kv: list[torch.Tensor], paths: torch.Tensor, dst_starts: list[int], src_start: int) -> None:
+    """Ragged compaction, in place: for every tensor and row b, entry ``src_start + paths[b, j]``
+    of batch row b moves to ``dst_starts[b] + j`` (see the cache layout above).
+
+    Shape:
+        kv: list of [B, H, S, D] cache tensors (float16/bfloat16/float32, any strides, one
+        device, no two sharing memory); paths: [B, L] int64 on their device, row b strictly
+        increasing node ids with paths[b, 0] == 0, then -1 padding (as the batched verify ops
+        return them); dst_starts: B ints with 0 <= dst_starts[b] <= src_start (the row's cached
+        length; the tree was appended at src_start); src_start + the row's last node < S.
+    Slots of a row outside its destination range are left as they are (stale, to be hidden by
+    the attention mask or cropped). On CPU a bad path raises before anything moves; on CUDA the
+    paths are checked in the kernel (no host sync) and a bad one leaves every tensor unchanged
+    without an error, except when there is nothing to move: then they are checked on the host.
+    """
+    _check_tensors("kv_compact_batched_", [("paths", paths)] + [(f"kv[{i}]", t) for i, t in enumerate(kv)])
+    _ops.kv_compact_batched_(kv, paths, [int(d) for d in dst_starts], src_start)
+
+
 def falcon_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights: list[torch.Tensor], num_heads: int,
                       eps: float, encode_only: bool = False):
     """One Falcon drafter forward over a block of k drafted positions for B branches.
@@ -155,8 +250,33 @@ def _kv_compact_fake(kv, path, dst_start):
     return None
 
 
+@torch.library.register_fake("falcon_ext::tree_build_batched")
+def _tree_build_batched_fake(parents, prefix_mask, dtype):
+    batch, n = parents.shape
+    ctx = torch.library.get_ctx()
+    leaves, columns = ctx.new_dynamic_size(), ctx.new_dynamic_size()  # from the trees' values, as in tree_build
+    return (parents.new_empty(batch, n, prefix_mask.shape[1] + n, dtype=dtype), parents.new_empty(batch, n),
+            parents.new_empty(batch, leaves, columns))
+
+
+@torch.library.register_fake("falcon_ext::tree_verify_greedy_batched")
+def _tree_verify_greedy_batched_fake(logits, tokens, parents):
+    return tokens.new_empty(tokens.shape), tokens.new_empty(tokens.shape[0], 2)
+
+
+@torch.library.register_fake("falcon_ext::tree_verify_sample_batched")
+def _tree_verify_sample_batched_fake(probs, tokens, parents, uniforms):
+    return tokens.new_empty(tokens.shape), tokens.new_empty(tokens.shape[0], 2)
+
+
+@torch.library.register_fake("falcon_ext::kv_compact_batched_")
+def _kv_compact_batched_fake(kv, paths, dst_starts, src_start):
+    return None
+
+
 @torch.library.register_fake("falcon_ext::falcon_draft_step")
 def _falcon_draft_step_fake(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps, encode_only=False):
     B, k, H = x.shape[0], x.shape[1], x.shape[2] // 2
     return (x.new_empty(B, k, 0 if encode_only else H), h0.new_empty(h0.shape), c0.new_empty(c0.shape), x.new_empty(B, k, H),
             x.new_empty(B, k, H))
+

@@ -174,3 +174,76 @@ def reference_verify_sample(probs: torch.Tensor, tokens: torch.Tensor, parents: 
 def reference_kv_compact_(kv: list[torch.Tensor], path: torch.Tensor, dst_start: int) -> None:
     for t in kv:
         t[:, :, dst_start : dst_start + path.numel()] = t[:, :, dst_start + path].clone()
+
+
+# ---- batched ops: rows padded to the largest tree (parent -1 marks padding) ----
+
+
+def pad_rows(rows: list[torch.Tensor], width: int, value) -> torch.Tensor:
+    """[len(rows), width, *rest]: each row's leading entries, then ``value``."""
+    out = torch.full((len(rows), width, *rows[0].shape[1:]), value, dtype=rows[0].dtype)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = row
+    return out
+
+
+def tree_sizes(parents: torch.Tensor) -> list[int]:
+    """Node count of each row of padded parents [B, N]: nodes before the first padding (-1 past 0)."""
+    sizes = []
+    for row in parents.tolist():
+        sizes.append(next((i for i in range(1, len(row)) if row[i] == -1), len(row)))
+    return sizes
+
+
+def reference_tree_build_batched(parents: torch.Tensor, prefix_mask: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """Per row: reference_tree_build on the row's tree, the prefix columns taken from prefix_mask,
+    padding nodes seeing only themselves, positions from the visible prefix count."""
+    batch, n = parents.shape
+    prefix_len = prefix_mask.shape[1]
+    sizes = tree_sizes(parents)
+    mask = torch.full((batch, n, prefix_len + n), float("-inf"), dtype=dtype)
+    positions = torch.empty(batch, n, dtype=torch.int64)
+    rows = []
+    for b, size in enumerate(sizes):
+        seen = int(prefix_mask[b].bool().sum())
+        row_mask, row_pos, row_paths = reference_tree_build(parents[b, :size], seen, dtype)
+        mask[b, :size, :prefix_len] = torch.where(prefix_mask[b].bool(), 0.0, float("-inf")).to(dtype)
+        mask[b, :size, prefix_len : prefix_len + size] = row_mask[:, seen:]
+        pad = torch.arange(size, n)
+        mask[b, pad, prefix_len + pad] = 0
+        positions[b, :size] = row_pos
+        positions[b, size:] = seen
+        rows.append(row_paths)
+    paths = torch.full((batch, max(len(r) for r in rows), max(r.shape[1] for r in rows)), -1, dtype=torch.int64)
+    for b, row in enumerate(rows):
+        paths[b, : row.shape[0], : row.shape[1]] = row
+    return mask, positions, paths
+
+
+def _batched(per_row, *args, extra=None):
+    n = args[0].shape[1]
+    outputs = []
+    for b, size in enumerate(tree_sizes(args[-1])):
+        row_args = [a[b, :size] for a in args] + ([extra[b, : size + 1]] if extra is not None else [])
+        path, result = per_row(*row_args)
+        outputs.append((path, result))
+    return pad_rows([p for p, _ in outputs], n, -1), torch.stack([r for _, r in outputs])
+
+
+def reference_verify_greedy_batched(logits: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor):
+    """reference_verify_greedy on each row's first n_b nodes, paths -1 padded to N."""
+    return _batched(reference_verify_greedy, logits, tokens, parents)
+
+
+def reference_verify_sample_batched(probs: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
+                                    uniforms: torch.Tensor):
+    """reference_verify_sample on each row's first n_b nodes with uniforms[b, :n_b + 1]."""
+    return _batched(reference_verify_sample, probs, tokens, parents, extra=uniforms)
+
+
+def reference_kv_compact_batched_(kv: list[torch.Tensor], paths: torch.Tensor, dst_starts: list[int],
+                                  src_start: int) -> None:
+    for t in kv:
+        for b, row in enumerate(paths.tolist()):
+            path = torch.tensor([p for p in row if p >= 0])
+            t[b, :, dst_starts[b] : dst_starts[b] + len(path)] = t[b, :, src_start + path].clone()

@@ -182,6 +182,80 @@ void test_kv_compact_malformed() {
   EXPECT(same(kv, before));
 }
 
+// ---- batched ops
+
+void test_tree_build_batched_small() {
+  // row 0: 0 -> {1, 2}, 1 -> {3}, cache slots 1, 2 visible; row 1: the root + 3 padding nodes, slot 0
+  const at::Tensor parents = longs({-1, 0, 0, 1, -1, -1, -1, -1}).view({2, 4});
+  const at::Tensor prefix = longs({0, 1, 1, 1, 0, 0}).view({2, 3});
+  auto [mask, pos, paths] = falcon_ext::tree_build_batched_cpu(parents, prefix, at::kFloat);
+  const float x = -std::numeric_limits<float>::infinity();
+  const at::Tensor want = at::tensor({x, 0.f, 0.f, 0.f, x, x, x,    //
+                                      x, 0.f, 0.f, 0.f, 0.f, x, x,   //
+                                      x, 0.f, 0.f, 0.f, x, 0.f, x,   //
+                                      x, 0.f, 0.f, 0.f, 0.f, x, 0.f,  //
+                                      0.f, x, x, 0.f, x, x, x,       //
+                                      x, x, x, x, 0.f, x, x,         // padding: only itself
+                                      x, x, x, x, x, 0.f, x,         //
+                                      x, x, x, x, x, x, 0.f})
+                              .view({2, 4, 7});
+  EXPECT(same(mask, want));
+  EXPECT(same(pos, longs({2, 3, 3, 4, 1, 1, 1, 1}).view({2, 4})));
+  EXPECT(same(paths, longs({0, 2, -1, 0, 1, 3, 0, -1, -1, -1, -1, -1}).view({2, 2, 3})));
+  const at::Tensor late_node = longs({-1, 0, -1, 1}).view({1, 4});
+  EXPECT_ERROR(falcon_ext::tree_build_batched_cpu(late_node, prefix.narrow(0, 0, 1), at::kFloat),
+               "row 0: node 3 has parent 1 after a padding node");
+  EXPECT_ERROR(falcon_ext::tree_build_batched_cpu(parents, prefix.narrow(0, 0, 1), at::kFloat), "[B = 2, P]");
+  EXPECT_ERROR(falcon_ext::tree_build_batched_cpu(parents, prefix.to(at::kFloat), at::kFloat), "Bool or Long");
+}
+
+void test_verify_batched() {
+  // row 0: test_verify_greedy's tree; row 1: its first two nodes, then padding with junk tokens
+  at::Tensor logits = at::zeros({2, 4, 8});
+  logits[0][0][4] = 1.f, logits[0][1][6] = 1.f, logits[0][2][5] = 1.f, logits[0][3][1] = 1.f;
+  logits[1][0][3] = 1.f, logits[1][1][7] = 1.f;
+  logits[1][2].fill_(std::nanf("")), logits[1][3].fill_(std::nanf(""));
+  const at::Tensor tokens = longs({0, 3, 4, 5, 0, 3, -9, 1000}).view({2, 4});
+  const at::Tensor parents = longs({-1, 0, 0, 2, -1, 0, -1, -1}).view({2, 4});
+  auto [path, result] = falcon_ext::tree_verify_greedy_batched_cpu(logits, tokens, parents);
+  EXPECT(same(path, longs({0, 2, 3, -1, 0, 1, -1, -1}).view({2, 4})));
+  EXPECT(same(result, longs({3, 1, 2, 7}).view({2, 2})));
+  // sampling on a one-hot target gives the same; uniforms[1, 2] (n_1 = 2) draws row 1's last token
+  for (float u : {0.f, 0.5f, 0.999f}) {
+    auto [spath, sresult] = falcon_ext::tree_verify_sample_batched_cpu(logits, tokens, parents, at::full({2, 5}, u));
+    EXPECT(same(spath, path) && same(sresult, result));
+  }
+  const at::Tensor bad_tokens = longs({0, 3, 4, 5, 0, 8, 0, 0}).view({2, 4});
+  EXPECT_ERROR(falcon_ext::tree_verify_greedy_batched_cpu(logits, bad_tokens, parents), "tokens[1, 1] = 8 is outside");
+  EXPECT_ERROR(falcon_ext::tree_verify_sample_batched_cpu(logits, tokens, parents, at::rand({2, 4})),
+               "[B, N + 1] = [2, 5]");
+  EXPECT_ERROR(falcon_ext::tree_verify_greedy_batched_cpu(logits[0], tokens, parents), "[B, N, V]");
+}
+
+void test_kv_compact_batched() {
+  // slot s holds s; row 0 moves [0, 1, 3, 4] from 5 to 2 (sources and destinations interleave),
+  // row 1 keeps [0, 2] in place
+  const at::Tensor kv = at::arange(10, at::kFloat).view({1, 1, 10, 1}).repeat({2, 3, 1, 4});
+  const at::Tensor before = kv.clone();
+  falcon_ext::kv_compact_batched_cpu({kv}, longs({0, 1, 3, 4, 0, 2, -1, -1}).view({2, 4}), {2, 5}, 5);
+  const std::vector<float> want0 = {0, 1, 5, 6, 8, 9, 6, 7, 8, 9}, want1 = {0, 1, 2, 3, 4, 5, 7, 7, 8, 9};
+  for (int64_t s = 0; s < 10; ++s) {
+    EXPECT(kv[0][2][s][3].item<float>() == want0[s] && kv[1][1][s][0].item<float>() == want1[s]);
+  }
+  const at::Tensor after = kv.clone();
+  const at::Tensor paths = longs({0, 2, 0, -1}).view({2, 2});
+  EXPECT_ERROR(falcon_ext::kv_compact_batched_cpu({kv}, paths, {6, 0}, 5),
+               "dst_starts[0] must be in [0, src_start = 5]");
+  EXPECT_ERROR(falcon_ext::kv_compact_batched_cpu({kv}, paths, {0}, 5), "dst_starts must have B = 2");
+  EXPECT_ERROR(falcon_ext::kv_compact_batched_cpu({kv}, longs({0, -1, 2, 0, 1, 2}).view({2, 3}), {0, 0}, 5),
+               "paths[0] must be -1 after its first -1");
+  EXPECT_ERROR(falcon_ext::kv_compact_batched_cpu({kv}, longs({0, 5, 0, 1}).view({2, 2}), {0, 0}, 5),
+               "src_start + paths[0][-1] = 10 is outside");
+  EXPECT_ERROR(falcon_ext::kv_compact_batched_cpu({kv.narrow(0, 0, 1)}, paths, {0, 0}, 5), "[B = 2, H, S, D]");
+  EXPECT(same(kv, after));
+  EXPECT(!same(kv, before));
+}
+
 // ---- deterministic fuzz corpus: random valid and malformed inputs from a fixed seed ----
 // Every case must throw c10::Error when (and only when) its input breaks the op's contract,
 // and otherwise return results inside their documented bounds that agree with naive loops
@@ -415,6 +489,209 @@ void fuzz_kv_compact(Rng& r, int cases) {
   }
 }
 
+// ---- batched fuzz: rows of random sizes padded with -1, malformed rows, junk in the padding ----
+
+// parents [B, N] of rows of random sizes; with `malformed`, one entry of one row breaks it
+// (fuzz_tree's mutations, or a real node after the padding). Returns the row sizes too.
+std::vector<int64_t> fuzz_padded_trees(Rng& r, int64_t batch, int64_t n, bool malformed, std::vector<int64_t>& sizes) {
+  std::vector<int64_t> p(batch * n, -1);
+  sizes.assign(batch, 0);
+  for (int64_t b = 0; b < batch; ++b) {
+    sizes[b] = 1 + r.below(n);
+    const std::vector<int64_t> tree = fuzz_tree(r, sizes[b], false);
+    std::copy(tree.begin(), tree.end(), p.begin() + b * n);
+  }
+  if (malformed) {
+    const int64_t b = r.below(batch), i = r.below(n);
+    int64_t& entry = p[b * n + i];
+    if (i > sizes[b]) {
+      entry = r.below(i);  // a real node after a padding node
+    } else if (i == sizes[b]) {
+      entry = r.pick<int64_t>({i, n + r.below(3), -2, kMin, kMax});  // sizes[b] < n here
+    } else {
+      entry = i == 0 ? r.pick<int64_t>({0, 1, n, kMin, kMax})
+                     : r.pick<int64_t>({i, i + 1, -2 - r.below(5), kMin, kMax});
+    }
+  }
+  return p;
+}
+
+bool padded_trees_ok(const std::vector<int64_t>& p, int64_t batch, int64_t n) {
+  for (int64_t b = 0; b < batch; ++b) {
+    bool padding = false;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t q = p[b * n + i];
+      const bool ok = i == 0 ? q == -1 : q == -1 || (!padding && q >= 0 && q < i);
+      if (!ok) return false;
+      padding = padding || (i > 0 && q == -1);
+    }
+  }
+  return true;
+}
+
+at::Tensor long_matrix(Rng& r, const std::vector<int64_t>& values, int64_t batch, int64_t n) {
+  const at::Tensor t = longs(values).view({batch, n});
+  return r.chance(40) ? t.t().contiguous().t() : t;  // column-major half the time
+}
+
+void fuzz_tree_build_batched(Rng& r, int cases) {
+  for (int c = 0; c < cases; ++c) {
+    const int64_t batch = 1 + r.below(4), n = 1 + r.below(30), prefix_len = r.below(20);
+    std::vector<int64_t> sizes;
+    const std::vector<int64_t> parents = fuzz_padded_trees(r, batch, n, r.chance(35), sizes);
+    std::vector<int64_t> prefix(batch * prefix_len);
+    for (int64_t& v : prefix) v = r.chance(70) ? r.pick<int64_t>({1, 2, -1}) : 0;  // nonzero = visible
+    const bool bad_prefix = r.chance(8);
+    const at::Tensor prefix_2d = longs(prefix).view({batch, prefix_len});
+    const at::Tensor prefix_t = !bad_prefix  ? prefix_2d.to(r.pick({at::kLong, at::kBool}))
+                                : r.chance(50) ? prefix_2d.to(at::kFloat)  // wrong dtype
+                                               : prefix_2d.view({batch * prefix_len});  // wrong shape
+    const at::ScalarType dtype = r.pick({at::kFloat, at::kHalf, at::kBFloat16, at::kDouble, at::kLong});
+    const bool valid = padded_trees_ok(parents, batch, n) && !bad_prefix && at::isFloatingType(dtype);
+    std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+    const at::Tensor par = long_matrix(r, parents, batch, n);
+    const bool threw = throws([&] { out = falcon_ext::tree_build_batched_cpu(par, prefix_t, dtype); });
+    EXPECT(threw == !valid);
+    if (threw || !valid) continue;
+    const auto& [mask, pos, paths] = out;
+    EXPECT(mask.sizes() == at::IntArrayRef({batch, n, prefix_len + n}) && pos.sizes() == at::IntArrayRef({batch, n}));
+    const at::Tensor m = mask.to(at::kFloat);
+    const auto ma = m.accessor<float, 3>();
+    const auto pa = pos.accessor<int64_t, 2>();
+    for (int64_t b = 0; b < batch; ++b) {
+      // the row's real part is tree_build on the row alone after its visible prefix count
+      const std::vector<int64_t> row(parents.begin() + b * n, parents.begin() + b * n + sizes[b]);
+      int64_t seen = 0;
+      for (int64_t k = 0; k < prefix_len; ++k) seen += prefix[b * prefix_len + k] != 0;
+      const auto alone = falcon_ext::tree_build_cpu(longs(row), seen, dtype);
+      EXPECT(same(mask[b].narrow(0, 0, sizes[b]).narrow(1, prefix_len, sizes[b]),
+                  std::get<0>(alone).narrow(1, seen, sizes[b])));
+      EXPECT(same(pos[b].narrow(0, 0, sizes[b]), std::get<1>(alone)));
+      const at::Tensor& alone_paths = std::get<2>(alone);
+      EXPECT(same(paths[b].narrow(0, 0, alone_paths.size(0)).narrow(1, 0, alone_paths.size(1)), alone_paths));
+      for (int64_t i = 0; i < n; ++i) {
+        const bool real = i < sizes[b];
+        if (!real) EXPECT(pa[b][i] == seen);
+        for (int64_t j = 0; j < prefix_len + n; ++j) {
+          const float v = ma[b][i][j];
+          if (j < prefix_len) EXPECT(real && prefix[b * prefix_len + j] != 0 ? v == 0.f : std::isinf(v) && v < 0);
+          // padding columns: visible only to the padding node itself
+          if (j >= prefix_len + sizes[b]) EXPECT(j == prefix_len + i ? v == 0.f : std::isinf(v) && v < 0);
+          if (!real && j != prefix_len + i) EXPECT(std::isinf(v) && v < 0);  // a padding row sees only itself
+        }
+      }
+    }
+  }
+}
+
+void fuzz_verify_batched(Rng& r, int cases, bool sample) {
+  for (int c = 0; c < cases; ++c) {
+    const int64_t batch = 1 + r.below(4), n = 1 + r.below(20), vocab = 1 + r.below(40);
+    const bool bad_dtype = r.chance(4);
+    const at::ScalarType dtype = bad_dtype ? at::kDouble : r.pick({at::kFloat, at::kHalf, at::kBFloat16});
+    const at::Tensor scores = fuzz_scores(r, batch * n, vocab, dtype).view({batch, n, vocab});
+    std::vector<int64_t> sizes;
+    const std::vector<int64_t> parents = fuzz_padded_trees(r, batch, n, r.chance(20), sizes);
+    std::vector<int64_t> tokens(batch * n);
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t i = 0; i < n; ++i) {  // padding tokens: anything, they are never read
+        tokens[b * n + i] = i < sizes[b] ? r.below(vocab) : r.pick<int64_t>({-1, vocab, kMin, kMax, 0});
+      }
+    }
+    const bool bad_token = r.chance(15);
+    if (bad_token) {
+      const int64_t b = r.below(batch);
+      tokens[b * n + r.below(sizes[b])] = r.pick<int64_t>({-1, vocab, kMin, kMax});
+    }
+    const bool bad_uniforms = sample && r.chance(5);
+    std::vector<float> u(batch * (n + 1));
+    for (float& x : u) x = r.uniform();
+    const at::Tensor uniforms = at::tensor(u).view(bad_uniforms ? std::vector<int64_t>{batch * (n + 1)}
+                                                                 : std::vector<int64_t>{batch, n + 1});
+    const bool valid = !bad_dtype && padded_trees_ok(parents, batch, n) && !bad_token && !bad_uniforms;
+    std::tuple<at::Tensor, at::Tensor> out;
+    const at::Tensor tok = long_matrix(r, tokens, batch, n), par = long_matrix(r, parents, batch, n);
+    const bool threw = throws([&] {
+      out = sample ? falcon_ext::tree_verify_sample_batched_cpu(scores, tok, par, uniforms)
+                   : falcon_ext::tree_verify_greedy_batched_cpu(scores, tok, par);
+    });
+    EXPECT(threw == !valid);
+    if (threw || !valid) continue;
+    const auto& [path, result] = out;
+    EXPECT(path.sizes() == at::IntArrayRef({batch, n}) && result.sizes() == at::IntArrayRef({batch, 2}));
+    for (int64_t b = 0; b < batch; ++b) {  // each row: the batch-1 op on the row alone
+      const int64_t size = sizes[b];
+      const at::Tensor s = scores[b].narrow(0, 0, size), t = tok[b].narrow(0, 0, size), p = par[b].narrow(0, 0, size);
+      const auto alone = sample ? falcon_ext::tree_verify_sample_cpu(s, t, p, uniforms[b].narrow(0, 0, size + 1))
+                                : falcon_ext::tree_verify_greedy_cpu(s, t, p);
+      EXPECT(same(path[b].narrow(0, 0, size), std::get<0>(alone)) && same(result[b], std::get<1>(alone)));
+      EXPECT((path[b].narrow(0, size, n - size) == -1).all().item<bool>());
+    }
+  }
+}
+
+void fuzz_kv_compact_batched(Rng& r, int cases) {
+  for (int c = 0; c < cases; ++c) {
+    const int64_t batch = 1 + r.below(3), tensors = 1 + r.below(3), seq = 1 + r.below(20);
+    const at::ScalarType dtype = r.pick({at::kFloat, at::kHalf, at::kBFloat16});
+    std::vector<at::Tensor> bases, views;
+    std::vector<std::pair<bool, int64_t>> layouts;
+    for (int64_t i = 0; i < tensors; ++i) {
+      const int64_t H = 1 + r.below(3), D = 1 + r.below(5);
+      const bool contiguous = r.chance(30);
+      const int64_t offset = r.below(4);
+      bases.push_back((contiguous ? at::randn({batch, H, seq, D}) : at::randn({batch, seq + 3, H, D})).to(dtype));
+      views.push_back(kv_view(bases.back(), contiguous, offset, seq));
+      layouts.emplace_back(contiguous, offset);
+    }
+    const bool bad_batch = r.chance(5);
+    if (bad_batch) views.push_back(at::randn({batch + 1, 1, seq, 1}).to(dtype));  // one cache row too many
+    const bool bad_src = r.chance(5);
+    const int64_t src_start = bad_src ? r.pick<int64_t>({-1, kMin}) : r.below(seq);
+    std::vector<int64_t> dst(batch);
+    for (int64_t& d : dst) d = src_start >= 0 ? r.below(src_start + 1) : 0;
+    const bool bad_dst = r.chance(5);
+    if (bad_dst) dst[r.below(batch)] = r.pick<int64_t>({-1, src_start + 1 + r.below(3), kMax, kMin});
+    std::vector<std::vector<int64_t>> rows(batch, std::vector<int64_t>{0});
+    int64_t length = 1;
+    for (auto& row : rows) {
+      for (int64_t slot = 1; !bad_src && slot < seq - src_start; ++slot) {
+        if (r.chance(40)) row.push_back(slot);
+      }
+      length = std::max<int64_t>(length, static_cast<int64_t>(row.size()));
+    }
+    const int64_t mutation = r.chance(30) ? 1 + r.below(5) : 0;
+    auto& victim = rows[r.below(batch)];
+    switch (mutation) {
+      case 1: victim[0] = r.pick<int64_t>({1, -1, kMax}); break;               // root moved
+      case 2: victim.push_back(victim.back()); break;                          // not strictly increasing
+      case 3: victim.push_back(std::max(victim.back() + 1, seq - src_start + r.below(3))); break;  // past the end
+      case 4: victim.push_back(r.pick<int64_t>({kMax, int64_t{1} << 62})); break;  // src_start + last overflows
+      case 5: victim.push_back(-1), victim.push_back(victim.size()); break;        // a node after the padding
+    }
+    length = std::max<int64_t>(length, static_cast<int64_t>(victim.size()));
+    std::vector<int64_t> flat(batch * length, -1);
+    for (int64_t b = 0; b < batch; ++b) std::copy(rows[b].begin(), rows[b].end(), flat.begin() + b * length);
+    const bool valid = !bad_batch && !bad_src && !bad_dst && mutation == 0;
+    std::vector<at::Tensor> want;  // whole buffers after a naive copy (unchanged for invalid input)
+    for (size_t i = 0; i < bases.size(); ++i) {
+      want.push_back(bases[i].clone());
+      if (!valid) continue;
+      at::Tensor view = kv_view(want.back(), layouts[i].first, layouts[i].second, seq);
+      const at::Tensor before = view.clone();
+      for (int64_t b = 0; b < batch; ++b) {
+        for (size_t j = 0; j < rows[b].size(); ++j) {
+          view[b].select(1, dst[b] + static_cast<int64_t>(j)).copy_(before[b].select(1, src_start + rows[b][j]));
+        }
+      }
+    }
+    const at::Tensor paths = long_matrix(r, flat, batch, length);
+    const bool threw = throws([&] { falcon_ext::kv_compact_batched_cpu(views, paths, dst, src_start); });
+    EXPECT(threw == !valid);
+    for (size_t i = 0; i < bases.size(); ++i) EXPECT(same(bases[i], want[i]));  // nothing outside the views moved
+  }
+}
+
 void test_fuzz_corpus() {
   at::manual_seed(20250101);  // at::randn in fuzz_kv_compact
   Rng r{0x5eed};
@@ -422,6 +699,10 @@ void test_fuzz_corpus() {
   fuzz_verify(r, 150, /*sample=*/false);
   fuzz_verify(r, 150, /*sample=*/true);
   fuzz_kv_compact(r, 150);
+  fuzz_tree_build_batched(r, 120);
+  fuzz_verify_batched(r, 120, /*sample=*/false);
+  fuzz_verify_batched(r, 120, /*sample=*/true);
+  fuzz_kv_compact_batched(r, 120);
 }
 
 #ifdef FALCON_EXT_WITH_CUDA
@@ -458,6 +739,9 @@ int main() {
   test_verify_malformed();
   test_kv_compact_aliasing();
   test_kv_compact_malformed();
+  test_tree_build_batched_small();
+  test_verify_batched();
+  test_kv_compact_batched();
   test_fuzz_corpus();
 #ifdef FALCON_EXT_WITH_CUDA
   if (at::hasCUDA()) {
