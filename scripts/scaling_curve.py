@@ -76,6 +76,11 @@ def measure(args) -> None:
     heldout = read_data(args.heldout)[1]
     # Each chain point re-runs the drafter over its whole prefix: a subset keeps this to minutes.
     heldout = heldout.part(0, args.chain_sequences)
+    tree_k = json.loads((drafter_dir(args.tree_from) / "config.json").read_text())["k"]
+    run_k = json.loads((args.run / "train_config.json").read_text())["k"]
+    if tree_k != run_k:  # a tree's paths are in blocks of k tokens: another k's tree means other nodes
+        raise SystemExit(f"--tree-from {args.tree_from} is a k = {tree_k} drafter but {args.run} trains k = {run_k}; "
+                         f"pass a drafter folder of k = {run_k} measured by `falcon-ext tune-tree`")
     tree = measured_tree(drafter_dir(args.tree_from), args.tree_size)
     sets = {name: encode_sources(tokenizer, [name], args.prompts) for name in ("mt-bench", "gsm8k")}
     out = args.run / "scaling.jsonl"

