@@ -82,6 +82,7 @@ def growth_causes(model, positions: list[int], n_nodes: int, rounds: int) -> dic
     costs = {}
     for p in positions:
         prefix = torch.randint(3, io.vocab_size, (1, p), generator=torch.Generator().manual_seed(0)).to(io.input_device)
+        tree = torch.randint(3, io.vocab_size, (1, n_nodes), generator=torch.Generator().manual_seed(1)).to(io.input_device)
         mask, position_ids, _ = ops.tree_build(torch.arange(-1, n_nodes - 1, device=io.input_device), p, io.dtype)
         costs[p] = {}
         for variant in CAUSES:
@@ -92,10 +93,10 @@ def growth_causes(model, positions: list[int], n_nodes: int, rounds: int) -> dic
             def step():
                 if variant.endswith("enable_gqa"):
                     with grouped_kv_attention(io.input_device):
-                        target_io.forward(io, prefix[:, :n_nodes], cache, need_features=False,
+                        target_io.forward(io, tree, cache, need_features=False,
                                  attention_mask=mask[None, None], position_ids=position_ids[None])
                 else:
-                    target_io.forward(io, prefix[:, :n_nodes], cache, need_features=False,
+                    target_io.forward(io, tree, cache, need_features=False,
                              attention_mask=mask[None, None], position_ids=position_ids[None])
                 if reserved:  # drop the tree again, as the engine's commit does
                     cache.keep(p)

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 import falcon_ext
 from falcon_ext import DraftTree, checkpoint, ops, speculative_generate, train_state
+from falcon_ext.generate import TREE_ROOM
 from falcon_ext import data as fdata
 from falcon_ext.evaluate import load_drafter
 from falcon_ext.targets import load_target, resolve_target
@@ -664,11 +665,15 @@ class TokenCounter:
 
 
 @contextmanager
-def cache_watch(model, prompt_len, streamer, tree_max):
+def cache_watch(model, prompt_len, streamer, tree_max, max_new_tokens):
     """Checks at every target forward that the KV cache holds exactly the prompt and the tokens
-    emitted so far, minus the next token (not yet run), and that no layer keeps more than
-    tree_max extra positions of storage. Yields a dict with the peak cache length."""
-    stats = {"peak": 0, "forwards": 0}
+    emitted so far, minus the next token (not yet run); that no layer keeps more storage than the
+    engine reserves for the whole output (prompt + max_new_tokens + generate.TREE_ROOM, trees up
+    to TREE_ROOM nodes); and that this storage, once made, is never reallocated (appends write in
+    place). Yields a dict with the peak cache length."""
+    assert tree_max <= TREE_ROOM
+    reserved = prompt_len + max_new_tokens + TREE_ROOM
+    stats, storages = {"peak": 0, "forwards": 0}, {}
 
     def check(module, args, kwargs):
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
@@ -677,11 +682,13 @@ def cache_watch(model, prompt_len, streamer, tree_max):
             assert cached == 0 and new == prompt_len
         else:
             assert cached == prompt_len + streamer.generated - 1 and 1 <= new <= tree_max
-        for layer in cache.layers:
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):  # unset before the prompt
+        for i, layer in enumerate(cache.layers):
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)  # unset before the prompt
                 if t is not None and t.numel():
                     per_position = t.numel() // t.shape[-2] * t.element_size()
-                    assert t.shape[-2] == cached and t.untyped_storage().nbytes() <= (cached + tree_max) * per_position
+                    assert t.shape[-2] == cached and t.untyped_storage().nbytes() <= reserved * per_position
+                    assert storages.setdefault((i, name), t.untyped_storage().data_ptr()) == t.untyped_storage().data_ptr()
         stats["forwards"] += 1
         stats["peak"] = max(stats["peak"], cached + new)
 
@@ -720,7 +727,7 @@ def test_4000_tokens_in_one_call():
     # speculative run to ~310 steps.
     drafter, tree_max = ChainWithDecoys(want[0].tolist(), model.config.vocab_size, "right"), 25
     streamer = TokenCounter()
-    with cache_watch(model, ids.shape[1], streamer, tree_max) as stats:
+    with cache_watch(model, ids.shape[1], streamer, tree_max, 4000) as stats:
         out = speculative_generate(model, drafter, ids, max_new_tokens=4000, eos_token_id=[], streamer=streamer)
     assert torch.equal(out.sequences, want)
     assert stats["forwards"] == 1 + len(out.accept_lengths) and max(out.tree_sizes) == tree_max
@@ -743,7 +750,7 @@ def test_500_calls_keep_memory_flat(stories, drafter):
     for call in range(500):
         ids = prompts[call % len(prompts)]
         streamer = TokenCounter()
-        with cache_watch(model, ids.shape[1], streamer, tree_max) as stats:
+        with cache_watch(model, ids.shape[1], streamer, tree_max, 8) as stats:
             out = speculative_generate(model, drafter, ids, max_new_tokens=8, eos_token_id=[], streamer=streamer)
         assert torch.equal(out.sequences, want[call % len(prompts)])
         assert stats["peak"] <= ids.shape[1] + 8 + tree_max
