@@ -24,6 +24,7 @@ and versions (figures from a loaded machine are not figures).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -90,14 +91,12 @@ def growth_causes(model, positions: list[int], n_nodes: int, rounds: int) -> dic
             cache = ReservedCache(p + n_nodes) if reserved else DynamicCache()
             target_io.forward(io, prefix, cache, need_features=False)
 
+            grouped = variant.endswith("enable_gqa")
+
             def step():
-                if variant.endswith("enable_gqa"):
-                    with grouped_kv_attention(io.input_device):
-                        target_io.forward(io, tree, cache, need_features=False,
-                                 attention_mask=mask[None, None], position_ids=position_ids[None])
-                else:
+                with grouped_kv_attention(io.input_device) if grouped else contextlib.nullcontext():
                     target_io.forward(io, tree, cache, need_features=False,
-                             attention_mask=mask[None, None], position_ids=position_ids[None])
+                                      attention_mask=mask[None, None], position_ids=position_ids[None])
                 if reserved:  # drop the tree again, as the engine's commit does
                     cache.keep(p)
                 else:

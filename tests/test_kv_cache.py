@@ -147,11 +147,7 @@ def test_grouped_kv_attention_gives_the_same_tree_logits(family):
         cache = DynamicCache()
         with torch.no_grad():
             model(input_ids=prefix, **{for_model(model).cache_kwarg: cache}, use_cache=True)
-            if grouped:
-                with grouped_kv_attention(torch.device("cpu")):
-                    out = model(input_ids=tokens, **{for_model(model).cache_kwarg: cache}, attention_mask=mask[None, None],
-                                position_ids=positions[None], use_cache=True)
-            else:
+            with grouped_kv_attention(torch.device("cpu")) if grouped else contextlib.nullcontext():
                 out = model(input_ids=tokens, **{for_model(model).cache_kwarg: cache}, attention_mask=mask[None, None],
                             position_ids=positions[None], use_cache=True)
         logits.append(out.logits)
