@@ -605,7 +605,7 @@ def test_cuda_every_op_runs_on_the_current_stream():
     """Every op inside a non-default stream: its inputs are written on that stream only after a
     long GPU sleep, so an op that launched on another stream would read the stale inputs (or
     have its KV moves overwritten) and give a different answer."""
-    from test_draft_step import sample_inputs as draft_inputs
+    from falcon_reference import draft_step_cases as draft_inputs
 
     parents = random_tree(99, gen(41), "wide")
     logits, tokens, _ = greedy_inputs(99, VOCAB, "wide", torch.float32, 41)
