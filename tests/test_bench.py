@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import greedy_reference
 
 from falcon_ext import bench, cli, prompts
 from falcon_ext import data as fdata
@@ -60,7 +61,7 @@ def test_root_only_drafter_is_plain_decoding(stories):
     model, tokenizer = stories
     ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
     out = speculative_generate(model, bench.RootOnlyDrafter(), ids, max_new_tokens=20, eos_token_id=[1, 2])
-    ref = model.generate(ids, do_sample=False, max_new_tokens=20, eos_token_id=[1, 2], pad_token_id=0)
+    ref = greedy_reference(model, ids, 20, [1, 2])
     assert torch.equal(out.sequences, ref)
     assert set(out.tree_sizes) == {1}
 

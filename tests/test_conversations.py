@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import greedy_reference
 
 from falcon_ext import conversations as conv
 from falcon_ext import data as fdata
@@ -143,8 +144,7 @@ def test_self_distillation_from_first_turns(tmp_path, chat_target):
         assert tokenizer.decode(prompt).startswith("<|im_start|>user\nTell story number")
         assert mask[n:].all() and not mask[:n].any()
         with torch.no_grad():  # greedy answer: the target's own continuation (independent reference)
-            ref = model.generate(torch.tensor([prompt]), max_new_tokens=len(toks) - n, do_sample=False,
-                                 eos_token_id=[1, 2], pad_token_id=1)[0, n:]
+            ref = greedy_reference(model, torch.tensor([prompt]), len(toks) - n, [1, 2])[0, n:]
         assert toks[n:].tolist() == ref.tolist()
 
 

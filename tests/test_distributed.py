@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import greedy_reference
 from safetensors.torch import load_file
 
 from falcon_ext import data as fdata
@@ -143,8 +144,7 @@ def test_checkpoint_of_rank_0_decodes_losslessly(runs, stories):
     model, tokenizer = stories
     drafter = FalconDrafter.from_pretrained(runs[1] / "final", target=model)
     ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
-    ref = model.generate(ids, do_sample=False, max_new_tokens=40, eos_token_id=[1, 2], pad_token_id=0,
-                         temperature=None, top_k=None, top_p=None)
+    ref = greedy_reference(model, ids, 40, [1, 2])
     out = speculative_generate(model, drafter, ids, max_new_tokens=40, eos_token_id=[1, 2])
     assert torch.equal(out.sequences, ref)
 

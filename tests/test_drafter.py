@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from falcon_reference import reference_block
+from helpers import greedy_reference, tiny_model
 from torch import nn
 
 from falcon_ext.cdt import TreePlan, chain
@@ -43,40 +45,22 @@ def make_drafter(hidden=7, k=2, heads=1, seed=0, target=None, **kw):
 
 
 def reference_forward(d: FalconDrafter, features, next_tokens, block_offset):
-    """Independent plain-PyTorch Falcon head: step-by-step LSTM cells, explicit masked softmax."""
-    H, k, heads = d.config.hidden_size, d.config.k, d.config.num_heads
+    """falcon_reference.reference_block, in fp64, over the drafter's own weights (read from its
+    modules here, not through its fused-weight list) from a zero state: position i sees
+    position j iff j's block is not after i's."""
+    H, k = d.config.hidden_size, d.config.k
     x = torch.cat([features, d.target.get_input_embeddings()(next_tokens)], -1).double()
     B, T, _ = x.shape
     L = d.lstm
-    layers = [(L.weight_ih_l0, L.weight_hh_l0, L.bias_ih_l0 + L.bias_hh_l0),
-              (L.weight_ih_l1, L.weight_hh_l1, L.bias_ih_l1 + L.bias_hh_l1)]
-    for w_ih, w_hh, b in layers:
-        h = torch.zeros(B, H, dtype=torch.double)
-        c = torch.zeros(B, H, dtype=torch.double)
-        outs = []
-        for t in range(T):
-            i, f, g, o = (x[:, t] @ w_ih.double().T + h @ w_hh.double().T + b.double()).split(H, -1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            outs.append(h)
-        x = torch.stack(outs, 1)
-
-    def rms(v, w):
-        return v / torch.sqrt((v * v).mean(-1, keepdim=True) + d.config.rms_norm_eps) * w.double()
-
-    q, kk, v = (rms(x, d.attn_norm.weight) @ d.qkv.weight.double().T).split(H, -1)
-    dh = H // heads
-    out = torch.zeros(B, T, H, dtype=torch.double)
-    block = [(i - block_offset) // k for i in range(T)]
-    for hd in range(heads):
-        sl = slice(hd * dh, (hd + 1) * dh)
-        scores = q[..., sl] @ kk[..., sl].transpose(1, 2) / dh ** 0.5
-        allowed = torch.tensor([[block[j] <= block[i] for j in range(T)] for i in range(T)])
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        out[..., sl] = torch.softmax(scores, -1) @ v[..., sl]
-    h = x + out @ d.o_proj.weight.double().T
-    m = rms(h, d.mlp_norm.weight) @ d.up.weight.double().T
-    return h + (m * torch.sigmoid(m)) @ d.down.weight.double().T
+    w = {"w_ih0": L.weight_ih_l0, "w_hh0": L.weight_hh_l0, "b0": L.bias_ih_l0 + L.bias_hh_l0,
+         "w_ih1": L.weight_ih_l1, "w_hh1": L.weight_hh_l1, "b1": L.bias_ih_l1 + L.bias_hh_l1,
+         "attn_norm": d.attn_norm.weight, "w_qkv": d.qkv.weight, "w_o": d.o_proj.weight,
+         "mlp_norm": d.mlp_norm.weight, "w_up": d.up.weight, "w_down": d.down.weight}
+    block = torch.tensor([(i - block_offset) // k for i in range(T)])
+    state, prior = torch.zeros(2, B, H, dtype=torch.double), torch.zeros(B, 0, H, dtype=torch.double)
+    with torch.no_grad():
+        return reference_block({n: t.double() for n, t in w.items()}, x, state, state, prior, prior,
+                               block[None, :] <= block[:, None], d.config.num_heads, d.config.rms_norm_eps)[0]
 
 
 @pytest.mark.parametrize("hidden,heads,k,offset", [(7, 1, 2, 0), (7, 7, 3, 2), (12, 3, 4, 1), (1, 1, 1, 0)])
@@ -315,8 +299,6 @@ def test_stories260k_target_identity(tmp_path):
 
 
 def engine_drafter(vocab=13, seed=0):
-    from conftest import tiny_model
-
     target = tiny_model("llama", vocab=vocab, seed=seed)
     torch.manual_seed(seed)
     drafter = FalconDrafter(FalconDrafterConfig.for_target(target, k=2, num_heads=4), target)
@@ -333,8 +315,7 @@ def test_speculative_generate_lossless_greedy(tree, vocab):
     drafter.set_tree(tree)
     for n, max_new in ((1, 30), (5, 17)):
         ids = torch.randint(1, 13, (1, n), generator=torch.Generator().manual_seed(n))
-        ref = target.generate(ids, do_sample=False, max_new_tokens=max_new, pad_token_id=0,
-                              temperature=None, top_k=None, top_p=None)
+        ref = greedy_reference(target, ids, max_new, None)
         out = speculative_generate(target, drafter, ids, max_new_tokens=max_new, eos_token_id=None)
         assert torch.equal(out.sequences, ref)
         assert max(out.tree_sizes) == len(drafter.plan)  # the drafter's trees were really verified

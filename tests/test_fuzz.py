@@ -2,8 +2,8 @@
 
 Valid inputs (random shapes including 1, 7, 99 and vocabulary 111, non-contiguous strides,
 every supported dtype, NaN / infinite / tied scores) must equal the plain-PyTorch references
-of falcon_ext.testing: index ops exactly, falcon_draft_step within the tolerances of
-tests/test_draft_step.py. Malformed inputs (broken trees, out-of-range ids, wrong shapes,
+of falcon_ext.testing: index ops exactly, falcon_draft_step that of falcon_reference.py within
+its check_outputs tolerances. Malformed inputs (broken trees, out-of-range ids, wrong shapes,
 dtypes, devices, types) must raise ValueError, RuntimeError or TypeError with a message naming
 the problem and leave every input unchanged; on CUDA, errors in the data (which the kernels
 cannot report without a host sync) give the documented sentinel / no-op instead.
@@ -13,75 +13,29 @@ repeatable; FALCON_FUZZ_RANDOM=1 draws new examples each run (a longer fuzzing c
 """
 from __future__ import annotations
 
-import os
-import re
-
 import pytest
 import torch
 
 # An optional test dependency: without it this module is skipped, not a collection error that
 # stops the whole run (pytest stops at the first module it cannot import).
 pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from falcon_reference import check_outputs, make_case  # noqa: E402
+from fuzz_strategies import (BIG, CACHE_LENGTHS, FLOATS, FUZZ, LAYOUTS, SEEDS, VOCABS, cache_path,  # noqa: E402
+                             cache_tensor, trees)
+from helpers import equal_outputs, layout, rejects, same, views_on  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from falcon_ext import ops  # noqa: E402
 from falcon_ext.testing import (  # noqa: E402
     distinct_sibling_tokens,
-    random_tree,
     reference_kv_compact_,
     reference_tree_build,
     reference_verify_greedy,
     reference_verify_sample,
 )
-from test_draft_step import make_case, run_ref  # noqa: E402
 
-FUZZ = settings(max_examples=int(os.environ.get("FALCON_FUZZ_EXAMPLES", "100")), deadline=None,
-                derandomize=os.environ.get("FALCON_FUZZ_RANDOM") != "1", database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-FLOATS = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
-SIZES = st.one_of(st.sampled_from([1, 7, 99]), st.integers(1, 30))
-VOCABS = st.one_of(st.sampled_from([1, 7, 111]), st.integers(1, 200))
-SEEDS = st.integers(0, 2**32 - 1)
 INF, NAN = float("inf"), float("nan")
-BIG = 2**63 - 1
-
-
-def rejects(call, message: str) -> None:
-    """The call raises one of the documented exception types, with ``message`` in its text."""
-    with pytest.raises((ValueError, RuntimeError, TypeError)) as info:
-        call()
-    assert re.search(message, str(info.value)), (message, str(info.value))
-
-
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal values, NaN equal to NaN (inputs must come back exactly as they went in)."""
-    return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all())
-
-
-def layout(t: torch.Tensor, how: str) -> torch.Tensor:
-    """The same values with other strides: 'strided' (every other element of the last dim of a
-    wider buffer), 'transposed' (column-major storage of a 2-D tensor), or as is."""
-    if how == "strided" and t.dim():
-        wide = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1])
-        wide[..., ::2] = t
-        return wide[..., ::2]
-    if how == "transposed" and t.dim() == 2:
-        return t.t().contiguous().t()
-    return t
-
-
-LAYOUTS = st.sampled_from(["contiguous", "strided", "transposed"])
-
-
-@st.composite
-def trees(draw, n=None):
-    """Parents [n] of a valid tree: drawn node by node, or one of testing.random_tree's shapes."""
-    n = draw(SIZES) if n is None else n
-    shape = draw(st.sampled_from(["drawn", "random", "chain", "star", "wide"]))
-    if shape == "drawn" and n <= 30:
-        return torch.tensor([-1] + [draw(st.integers(0, i - 1)) for i in range(1, n)], dtype=torch.int64)
-    return random_tree(n, torch.Generator().manual_seed(draw(SEEDS)), "random" if shape == "drawn" else shape)
 
 
 @st.composite
@@ -111,7 +65,7 @@ def max_children(parents: torch.Tensor) -> int:
 def test_tree_build_equals_reference(parents, prefix, dtype, how, device):
     got = ops.tree_build(layout(parents, how).to(device), prefix, dtype)
     want = reference_tree_build(parents, prefix, dtype)
-    assert all(g.device.type == device and torch.equal(g.cpu(), w) for g, w in zip(got, want))
+    assert equal_outputs(got, want, device)
 
 
 BAD_BUILD = [  # (parents, prefix_len, dtype, message) from a valid tree and prefix
@@ -207,7 +161,7 @@ def test_verify_greedy_equals_reference(case, how, device):
             len(set(tokens[parents == node].tolist())) == int((parents == node).sum()) for node in range(len(parents))):
         s = as_float(scores)
         ref_path, ref_result = reference_verify_greedy(torch.where(s.isnan(), -INF, s), tokens, parents)
-        assert torch.equal(path, ref_path) and torch.equal(result, ref_result)
+        assert equal_outputs((path, result), (ref_path, ref_result))
 
 
 @FUZZ
@@ -220,7 +174,7 @@ def test_verify_sample_equals_reference(case, how, device, seed):
     p = as_float(probs)
     weights = torch.where(p.isnan() | (p < 0), 0.0, p)  # the documented rule: NaN and negative weights count as 0
     ref_path, ref_result = reference_verify_sample(weights, tokens, parents, uniforms)
-    assert torch.equal(path.cpu(), ref_path) and torch.equal(result.cpu(), ref_result)
+    assert equal_outputs((path, result), (ref_path, ref_result), device)
 
 
 def _data_errors(scores, tokens, parents, draw):
@@ -305,32 +259,16 @@ def test_verify_sample_rejects_bad_input(data, case, device):
 
 @st.composite
 def kv_case(draw):
-    """Cache tensors (base buffers and the [B, H, S, D] views passed to the op), a valid path and
-    dst_start. Views: the whole buffer, a sequence window of a [B, S', H, D] buffer (neither
-    contiguous nor at offset 0), or every other element of D."""
+    """Cache tensors (base buffers and the [B, H, S, D] views passed to the op: see
+    fuzz_strategies.cache_tensor), a valid path and dst_start."""
     g = torch.Generator().manual_seed(draw(SEEDS))
     dtype = draw(FLOATS)
-    bases, views = [], []
-    for _ in range(draw(st.integers(1, 3), label="tensors")):
-        B, H = draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 7]))
-        S, D = draw(st.one_of(st.sampled_from([1, 7, 99]), st.integers(1, 20))), draw(st.sampled_from([1, 3, 7]))
-        how = draw(st.sampled_from(["whole", "window", "strided"]))
-        if how == "window":
-            offset = draw(st.integers(0, 3))
-            base = torch.randn(B, S + 4, H, D, generator=g).to(dtype)
-            view = base[:, offset:offset + S].permute(0, 2, 1, 3)
-        elif how == "strided":
-            base = torch.randn(B, H, S, 2 * D, generator=g).to(dtype)
-            view = base[..., ::2]
-        else:
-            base = view = torch.randn(B, H, S, D, generator=g).to(dtype)
-        bases.append(base)
-        views.append(view)
+    tensors = [cache_tensor(draw, g, dtype, draw(st.integers(1, 2)), draw(CACHE_LENGTHS))
+               for _ in range(draw(st.integers(1, 3), label="tensors"))]
+    bases, views = [t[0] for t in tensors], [t[1] for t in tensors]
     seq = min(v.shape[2] for v in views)
     dst_start = draw(st.integers(0, seq - 1))
-    span = seq - dst_start
-    rest = sorted(draw(st.sets(st.integers(1, span - 1), max_size=span - 1))) if span > 1 else []
-    return bases, views, torch.tensor([0] + rest, dtype=torch.int64), dst_start
+    return bases, views, cache_path(draw, seq - dst_start), dst_start
 
 
 @FUZZ
@@ -340,12 +278,9 @@ def test_kv_compact_equals_reference(case, how, device):
     want = [b.clone() for b in bases]
     reference_kv_compact_([w.as_strided(v.shape, v.stride(), v.storage_offset()) for w, v in zip(want, views)],
                           path, dst_start)
-    if device == "cuda":
-        cuda_bases = [b.cuda() for b in bases]
-        views = [c.as_strided(v.shape, v.stride(), v.storage_offset()) for c, v in zip(cuda_bases, views)]
-        bases = cuda_bases
+    bases, views = views_on(device, bases, views)
     ops.kv_compact_(views, layout(path, how).to(device), dst_start)
-    assert all(torch.equal(b.cpu(), w) for b, w in zip(bases, want))  # whole buffers: nothing else moved
+    assert equal_outputs(bases, want)  # whole buffers: nothing else moved
 
 
 def _kv_data_errors(views, path, dst_start, draw):
@@ -390,10 +325,7 @@ BAD_KV = [  # argument errors: (views, path, dst_start, message); every device r
 @given(data=st.data(), case=kv_case())
 def test_kv_compact_rejects_bad_input(data, case, device):
     bases, views, path, dst_start = case
-    if device == "cuda":
-        cuda_bases = [b.cuda() for b in bases]
-        views = [c.as_strided(v.shape, v.stride(), v.storage_offset()) for c, v in zip(cuda_bases, views)]
-        bases = cuda_bases
+    bases, views = views_on(device, bases, views)
     before = [b.clone() for b in bases]
     if data.draw(st.booleans(), label="error in the data"):
         bad_path, start, message = _kv_data_errors(views, path, dst_start, data.draw)
@@ -411,7 +343,7 @@ def test_kv_compact_rejects_bad_input(data, case, device):
 
 @st.composite
 def draft_shapes(draw, hidden=(1, 7, 12, 99)):
-    """H, M, heads, B, k, S, D (the argument order of test_draft_step.make_case)."""
+    """H, M, heads, B, k, S, D (the argument order of falcon_reference.make_case)."""
     H = draw(st.sampled_from(hidden))
     heads = draw(st.sampled_from([d for d in range(1, H + 1) if H % d == 0]))
     return (H, draw(st.sampled_from([1, 13, 37])), heads, draw(st.integers(1, 4)), draw(st.integers(1, 4)),
@@ -426,33 +358,18 @@ def draft_inputs(ref, inputs, dtype, how, device):
 
 # H = 1 only in the error tests: RMSNorm over a single value x is x / sqrt(x^2 + eps), so near
 # |x| ~ sqrt(eps) one rounding moves the output by percents (for seed 11314 of (1, 37, 1, 3, 3, 0, 0)
-# the plain fp32 module's block_k is 0.036 off fp64, as far as the op's), beyond any fixed tolerance.
+# the plain fp32 reference's block_k is 0.036 off fp64, as far as the op's), beyond any fixed tolerance.
 @FUZZ
 @given(shape=draft_shapes(hidden=(7, 12, 99)), seed=st.integers(0, 2**16), dtype=FLOATS, how=LAYOUTS,
        encode_only=st.booleans())
 def test_draft_step_equals_reference(shape, seed, dtype, how, device, encode_only):
     ref, inputs = make_case(*shape, seed=seed)
+    args = draft_inputs(ref, inputs, dtype, how, device)
     with torch.no_grad():
-        got = ops.falcon_draft_step(*draft_inputs(ref, inputs, dtype, how, device), ref.heads, ref.eps, encode_only)
+        got = ops.falcon_draft_step(*args, ref.heads, ref.eps, encode_only)
     H, B, k = shape[0], shape[3], shape[4]
     assert got[0].shape == (B, k, 0 if encode_only else H) and all(g.device.type == device for g in got)
-    first = 1 if encode_only else 0  # encode_only: no features, only the state and the block's keys/values
-    exact = run_ref(ref, inputs, torch.float64)[first:]
-    got = [g.cpu().double() for g in got[first:]]
-    eps = torch.finfo(dtype).eps
-    if device == "cuda":  # test_draft_step's CUDA rule: within twice the CPU op's error, plus 4 eps of the scale
-        with torch.no_grad():
-            cpu = ops.falcon_draft_step(*draft_inputs(ref, inputs, dtype, how, "cpu"), ref.heads, ref.eps, encode_only)
-        for g, c, e in zip(got, cpu[first:], exact):
-            cpu_err = (c.double() - e).abs().max().item()
-            assert (g - e).abs().max().item() <= 2 * cpu_err + 4 * eps * max(e.abs().max().item(), 1.0)
-    elif dtype == torch.float32:  # test_draft_step's fp32 rule: 2e-5 of the output's scale
-        for g, e in zip(got, exact):
-            torch.testing.assert_close(g, e, rtol=2e-5, atol=2e-5 * max(1.0, e.abs().max().item()))
-    else:  # its low-precision rule: at most twice the plain module's error in that dtype, plus eps of the scale
-        for g, p, e in zip(got, run_ref(ref, inputs, dtype)[first:], exact):
-            plain_err = (p.double() - e).abs().max().item()
-            assert (g - e).abs().max().item() <= 2 * plain_err + eps * e.abs().max().item()
+    check_outputs(got, ref, inputs, args, dtype, device, encode_only)
 
 
 BAD_DRAFT = [  # (args, weights, num_heads, eps) -> message

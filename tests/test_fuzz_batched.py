@@ -5,7 +5,7 @@ tokens outside the vocabulary, which no op may read), random prefix masks, non-c
 layouts and every supported dtype. They must equal the plain-PyTorch references of
 falcon_ext.testing exactly, and each row must equal the batch-1 op on that row alone. A batch
 with one malformed row must raise naming that row; on CUDA the verify ops give that row alone
-the sentinel. FALCON_FUZZ_EXAMPLES and FALCON_FUZZ_RANDOM work as in test_fuzz.py.
+the sentinel. FALCON_FUZZ_EXAMPLES and FALCON_FUZZ_RANDOM work as in test_fuzz.py (fuzz_strategies.FUZZ).
 """
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import pytest
 import torch
 
 pytest.importorskip("hypothesis")
+from fuzz_strategies import (BIG, CACHE_LENGTHS, FLOATS, FUZZ, LAYOUTS, SEEDS, cache_path,  # noqa: E402
+                             cache_tensor, trees)
+from helpers import equal_outputs, layout, rejects, views_on  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_fuzz import BIG, FLOATS, FUZZ, LAYOUTS, SEEDS, layout, rejects, trees  # noqa: E402
 
 from falcon_ext import ops  # noqa: E402
 from falcon_ext.testing import (  # noqa: E402
@@ -33,7 +35,7 @@ JUNK_TOKENS = st.sampled_from([-1, -7, 10**6, BIG, -BIG - 1])
 
 @st.composite
 def padded_trees(draw, max_nodes=40):
-    """parents [B, N]: B valid trees (test_fuzz.trees) padded with -1 to the largest."""
+    """parents [B, N]: B valid trees (fuzz_strategies.trees) padded with -1 to the largest."""
     rows = [draw(trees(n=draw(st.integers(1, max_nodes)))) for _ in range(draw(BATCHES))]
     return pad_rows(rows, max(len(r) for r in rows), -1), [len(r) for r in rows]
 
@@ -56,7 +58,7 @@ def test_tree_build_batched_equals_reference(case, data, dtype, how, device):
     prefix = data.draw(prefix_mask(parents.shape[0]))
     got = ops.tree_build_batched(layout(parents, how).to(device), layout(prefix, how).to(device), dtype)
     want = reference_tree_build_batched(parents, prefix, dtype)
-    assert all(g.device.type == device and torch.equal(g.cpu(), w) for g, w in zip(got, want, strict=True))
+    assert equal_outputs(got, want, device)
 
 
 @st.composite
@@ -91,7 +93,7 @@ def rows_equal_batch1(op, got, args, sizes, uniforms=None):
     for b, size in enumerate(sizes):
         row = [a[b, :size] for a in args] + ([uniforms[b, : size + 1]] if uniforms is not None else [])
         alone = op(*row)
-        assert torch.equal(got[0][b, :size].cpu(), alone[0]) and torch.equal(got[1][b].cpu(), alone[1])
+        assert equal_outputs((got[0][b, :size], got[1][b]), alone)
         assert (got[0][b, size:] == -1).all()
 
 
@@ -101,7 +103,7 @@ def test_verify_greedy_batched_equals_reference(case, how, device):
     scores, tokens, parents, sizes = case
     got = ops.tree_verify_greedy_batched(*[layout(t, how).to(device) for t in (scores, tokens, parents)])
     want = reference_verify_greedy_batched(scores.float(), tokens, parents)
-    assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want, strict=True))
+    assert equal_outputs(got, want)
     rows_equal_batch1(ops.tree_verify_greedy, got, (scores, tokens, parents), sizes)
 
 
@@ -112,7 +114,7 @@ def test_verify_sample_batched_equals_reference(case, how, seed, device):
     uniforms = torch.rand(parents.shape[0], parents.shape[1] + 1, generator=torch.Generator().manual_seed(seed))
     got = ops.tree_verify_sample_batched(*[layout(t, how).to(device) for t in (probs, tokens, parents, uniforms)])
     want = reference_verify_sample_batched(probs.float(), tokens, parents, uniforms)
-    assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want, strict=True))
+    assert equal_outputs(got, want)
     rows_equal_batch1(ops.tree_verify_sample, got, (probs, tokens, parents), sizes, uniforms)
 
 
@@ -152,37 +154,22 @@ def test_verify_batched_one_bad_row(case, data, device):
         for b in range(batch):
             if b != bad:
                 alone = op(*[t[b : b + 1] for t in moved])
-                assert torch.equal(path[b], alone[0][0]) and torch.equal(result[b], alone[1][0])
+                assert equal_outputs((path[b], result[b]), (alone[0][0], alone[1][0]))
 
 
 @st.composite
 def kv_batched_case(draw):
-    """Bases, [B, H, S, D] views (whole, a sequence window of a [B, S', H, D] buffer, or every
-    other element of D), paths [B, L] (-1 padded), dst_starts <= src_start."""
+    """Bases, [B, H, S, D] views (see fuzz_strategies.cache_tensor), paths [B, L] (-1 padded),
+    dst_starts <= src_start."""
     g = torch.Generator().manual_seed(draw(SEEDS))
     dtype, batch = draw(FLOATS), draw(BATCHES)
-    seq = draw(st.one_of(st.sampled_from([1, 7, 99]), st.integers(1, 20)))
-    bases, views = [], []
-    for _ in range(draw(st.integers(1, 3), label="tensors")):
-        H, D = draw(st.sampled_from([1, 2, 7])), draw(st.sampled_from([1, 3, 7]))
-        how = draw(st.sampled_from(["whole", "window", "strided"]))
-        if how == "window":
-            offset = draw(st.integers(0, 3))
-            base = torch.randn(batch, seq + 4, H, D, generator=g).to(dtype)
-            view = base[:, offset : offset + seq].permute(0, 2, 1, 3)
-        elif how == "strided":
-            base = torch.randn(batch, H, seq, 2 * D, generator=g).to(dtype)
-            view = base[..., ::2]
-        else:
-            base = view = torch.randn(batch, H, seq, D, generator=g).to(dtype)
-        bases.append(base)
-        views.append(view)
+    seq = draw(CACHE_LENGTHS)
+    tensors = [cache_tensor(draw, g, dtype, batch, seq) for _ in range(draw(st.integers(1, 3), label="tensors"))]
     src_start = draw(st.integers(0, seq - 1))
-    span = seq - src_start
-    rows = [torch.tensor([0] + sorted(draw(st.sets(st.integers(1, span - 1), max_size=span - 1))) if span > 1 else [0])
-            for _ in range(batch)]
+    rows = [cache_path(draw, seq - src_start) for _ in range(batch)]
     dst_starts = [draw(st.integers(0, src_start)) for _ in range(batch)]
-    return bases, views, pad_rows(rows, max(len(r) for r in rows), -1), dst_starts, src_start
+    return ([t[0] for t in tensors], [t[1] for t in tensors], pad_rows(rows, max(len(r) for r in rows), -1), dst_starts,
+            src_start)
 
 
 @FUZZ
@@ -192,9 +179,6 @@ def test_kv_compact_batched_equals_reference(case, how, device):
     want = [b.clone() for b in bases]
     reference_kv_compact_batched_([w.as_strided(v.shape, v.stride(), v.storage_offset()) for w, v in zip(want, views)],
                                   paths, dst_starts, src_start)
-    if device == "cuda":
-        bases_on = [b.cuda() for b in bases]
-        views = [c.as_strided(v.shape, v.stride(), v.storage_offset()) for c, v in zip(bases_on, views)]
-        bases = bases_on
+    bases, views = views_on(device, bases, views)
     ops.kv_compact_batched_(views, layout(paths, how).to(device), dst_starts, src_start)
-    assert all(torch.equal(b.cpu(), w) for b, w in zip(bases, want))  # whole buffers: nothing else moved
+    assert equal_outputs(bases, want)  # whole buffers: nothing else moved

@@ -5,7 +5,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from falcon_ext import PromptLookupDrafter, speculative_generate
-from conftest import tiny_model
+from helpers import greedy_reference, tiny_model
 from scripted_drafters import RandomTreeDrafter, ScriptedDrafter
 
 STORY_PROMPTS = [
@@ -14,11 +14,6 @@ STORY_PROMPTS = [
     "The cat sat on the mat. The dog",
     "Tom and Sue went to the park. They saw a big tree. Tom said,",
 ]
-
-
-def greedy_reference(model, ids, max_new_tokens, eos):
-    return model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                          pad_token_id=0, temperature=None, top_k=None, top_p=None)
 
 
 @pytest.mark.parametrize("mode", ["right", "wrong", "mixed"])

@@ -33,6 +33,7 @@ from falcon_ext import data as fdata
 from falcon_ext.evaluate import load_drafter
 from falcon_ext.targets import load_target, resolve_target
 from falcon_ext.train import TrainConfig, build_drafter, train
+from helpers import greedy_reference
 from scripted_drafters import ScriptedDrafter
 
 PROMPT = "Once upon a time"
@@ -41,17 +42,12 @@ EOS = [1, 2]
 SHIPPED = Path(falcon_ext.__file__).parent / "drafters" / "stories260K"
 
 
-def greedy_reference(model, ids, max_new_tokens, eos=EOS):
-    return model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=0,
-                          temperature=None, top_k=None, top_p=None)
-
-
 @pytest.fixture(scope="module")
 def reference(stories):
     """The prompt and the target's own greedy continuation, made before any failing call."""
     model, tokenizer = stories
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    return ids, greedy_reference(model, ids, NEW)
+    return ids, greedy_reference(model, ids, NEW, EOS)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +126,7 @@ def test_prompt_up_to_the_last_position_works(stories, drafter):
     model = stories[0]
     ids = torch.randint(3, 500, (1, 500), generator=torch.Generator().manual_seed(0))
     out = speculative_generate(model, drafter, ids, max_new_tokens=12, eos_token_id=[])
-    assert torch.equal(out.sequences, greedy_reference(model, ids, 12, eos=[]))
+    assert torch.equal(out.sequences, greedy_reference(model, ids, 12, []))
 
 
 # ---------------------------------------------------------------- ops: devices, types, overflow
@@ -722,7 +718,7 @@ def test_4000_tokens_in_one_call():
     config = transformers.AutoConfig.from_pretrained(path, max_position_embeddings=4200)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval()
     ids = torch.tensor([[1, 403, 407, 261, 378]])  # "Once upon a time"
-    want = greedy_reference(model, ids, 4000, eos=[])
+    want = greedy_reference(model, ids, 4000, [])
     # The reference already costs 4000 target forwards; a drafter that knows it keeps the
     # speculative run to ~310 steps.
     drafter, tree_max = ChainWithDecoys(want[0].tolist(), model.config.vocab_size, "right"), 25
@@ -744,7 +740,7 @@ def test_500_calls_keep_memory_flat(stories, drafter):
     model, tokenizer = stories
     prompts = [tokenizer(p, return_tensors="pt").input_ids for p in
                ("Once upon a time", "The cat sat on the mat. The dog", "Tom and Sue went to the park.", "Lily wanted")]
-    want = [greedy_reference(model, ids, 8, eos=[]) for ids in prompts]
+    want = [greedy_reference(model, ids, 8, []) for ids in prompts]
     tree_max = len(drafter.plan)
     samples = {}
     for call in range(500):

@@ -9,13 +9,12 @@ import os
 
 import pytest
 import torch
+from helpers import TINY_FAMILIES, tiny_model
 from transformers import DynamicCache
 
 from falcon_ext import ops
 from falcon_ext.target_io import for_model, grouped_kv_attention
 from falcon_ext.kv_cache import ReservedCache
-
-from conftest import TINY_FAMILIES, tiny_model
 
 # Same values, same order; a view of a larger buffer may take another SDPA blocking than a
 # contiguous tensor, so fp32 rounding (not the values read) may differ in the last bits.

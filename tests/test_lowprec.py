@@ -18,7 +18,7 @@ from falcon_ext.checkpoint import SHIPPED
 from falcon_ext.divergence import classify, rounding_tolerance
 from falcon_ext.falcon import FalconDrafter, pick_tree
 from falcon_ext.targets import EMBEDDED, choose_dtype, cpu_bf16_flags, load_target
-from conftest import tiny_model
+from helpers import greedy_reference, tiny_model
 from scripted_drafters import ScriptedDrafter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,9 +205,8 @@ class ReferenceChainDrafter:
 
 
 def greedy(model, ids, max_new, eos):
-    out = model.generate(ids, do_sample=False, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=0,
-                         temperature=None, top_k=None, top_p=None)
-    return out[0, ids.shape[1]:].tolist()
+    """generate's new tokens, as a list."""
+    return greedy_reference(model, ids, max_new, eos)[0, ids.shape[1]:].tolist()
 
 
 def divergences(model, cases, drafters, max_new, eos, fp32_lm_head=False):

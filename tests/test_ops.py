@@ -2,15 +2,29 @@
 
 Tests taking the `device` fixture (conftest.py) run on the CPU and, marked `cuda`, on the GPU;
 the large cases there are sized to take the kernels' other paths (strided loops over more than
-1,024 nodes or 262,144 columns, V = 256k, thousands of positions).
+1,024 nodes or 262,144 columns, V = 256k, thousands of positions). Tests marked `cuda` by hand
+compare the CUDA op with the CPU op, or check what only CUDA has (kernel-side checks, streams).
 """
 from __future__ import annotations
 
-import math
-import zlib
-
 import pytest
 import torch
+from falcon_reference import draft_step_cases
+from helpers import (
+    FLOAT_DTYPES,
+    SHAPES,
+    SIZES,
+    SMALL_V,
+    VOCAB,
+    chi_square_passes,
+    equal_outputs,
+    gen,
+    layout,
+    markov_case,
+    random_path,
+    seed_of,
+    verify_ops_on,
+)
 
 from falcon_ext import ops
 from falcon_ext.testing import (
@@ -24,21 +38,6 @@ from falcon_ext.testing import (
     sample_inputs,
 )
 
-VOCAB = 111
-SIZES = [1, 7, 99]
-SHAPES = ["random", "chain", "star", "wide"]
-FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def seed_of(*parts) -> int:
-    """A fixed seed per test case (str hashes vary between processes; crc32 does not)."""
-    return zlib.crc32(repr(parts).encode())
-
-
 # ---------------------------------------------------------------- tree_build
 
 
@@ -51,9 +50,7 @@ def test_tree_build_matches_reference(n, shape, prefix_len):
         mask, pos, paths = ops.tree_build(parents, prefix_len, dtype)
         ref_mask, ref_pos, ref_paths = reference_tree_build(parents, prefix_len, dtype)
         assert mask.dtype == dtype and mask.shape == (n, prefix_len + n)
-        assert torch.equal(mask, ref_mask)
-        assert torch.equal(pos, ref_pos)
-        assert torch.equal(paths, ref_paths)
+        assert equal_outputs((mask, pos, paths), (ref_mask, ref_pos, ref_paths))
 
 
 def test_tree_build_small_example():
@@ -71,7 +68,7 @@ def test_tree_build_non_contiguous_parents(device):
     parents = torch.tensor([[-1, 9], [0, 9], [1, 9], [0, 9]], device=device).t()[0]
     assert not parents.is_contiguous()
     got = ops.tree_build(parents, 3)
-    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, reference_tree_build(parents.cpu(), 3)))
+    assert equal_outputs(got, reference_tree_build(parents.cpu(), 3), device)
 
 
 @pytest.mark.parametrize("shape", ["random", "chain"])
@@ -81,7 +78,7 @@ def test_tree_build_large(device, shape):
     want = reference_tree_build(parents, 3000, torch.float16) if device == "cpu" else ops.tree_build(parents, 3000,
                                                                                                      torch.float16)
     got = ops.tree_build(parents.to(device), 3000, torch.float16)
-    assert all(g.device.type == device and torch.equal(g.cpu(), w) for g, w in zip(got, want))
+    assert equal_outputs(got, want, device)
 
 
 BAD_TREES = [
@@ -99,9 +96,9 @@ BAD_TREES = [
 
 
 @pytest.mark.parametrize("parents,message", BAD_TREES)
-def test_tree_build_rejects_malformed_tree(parents, message):
+def test_tree_build_rejects_malformed_tree(device, parents, message):
     with pytest.raises(RuntimeError, match=message):
-        ops.tree_build(parents, 0)
+        ops.tree_build(parents.to(device), 0)
 
 
 def test_tree_build_rejects_bad_arguments(device):
@@ -128,7 +125,7 @@ def test_verify_greedy_matches_reference(n, shape, dtype):
         logits, tokens, parents = greedy_inputs(n, VOCAB, shape, dtype, seed_of(n, shape, dtype, rep))
         path, result = ops.tree_verify_greedy(logits, tokens, parents)
         ref_path, ref_result = reference_verify_greedy(logits, tokens, parents)
-        assert torch.equal(path, ref_path) and torch.equal(result, ref_result)
+        assert equal_outputs((path, result), (ref_path, ref_result))
         accepted.append(int(result[0]))
     if n > 1 and shape == "chain":
         assert max(accepted) > 1  # the forced paths are actually accepted
@@ -138,8 +135,8 @@ def test_verify_greedy_ties_take_lowest_index():
     logits = torch.randint(0, 3, (40, VOCAB), generator=gen(1)).to(torch.float16)  # many ties per row
     parents = random_tree(40, gen(2), "random")
     tokens = distinct_sibling_tokens(parents, VOCAB, gen(3))
-    assert all(torch.equal(a, b) for a, b in zip(ops.tree_verify_greedy(logits, tokens, parents),
-                                                 reference_verify_greedy(logits, tokens, parents)))
+    assert equal_outputs(ops.tree_verify_greedy(logits, tokens, parents),
+                         reference_verify_greedy(logits, tokens, parents))
     row = torch.zeros(1, VOCAB)
     row[0, [5, 9]] = 1.0
     assert ops.tree_verify_greedy(row, torch.tensor([0]), torch.tensor([-1]))[1].tolist() == [1, 5]
@@ -180,12 +177,18 @@ BAD_VERIFY = [  # (mutation, message, whether the error is in the data: the CUDA
 
 
 @pytest.mark.parametrize("mutate,message,data_error", BAD_VERIFY)
-def test_verify_rejects_bad_input(mutate, message, data_error):
+def test_verify_rejects_bad_input(device, mutate, message, data_error):
+    """Argument errors raise on every device. Data errors (tree, token range) raise on the CPU; on
+    CUDA, where the kernels cannot raise without a host sync, they give the sentinel result."""
     scores, tokens, parents = mutate(*verify_args())
-    with pytest.raises(RuntimeError, match=message):
-        ops.tree_verify_greedy(scores, tokens, parents)
-    with pytest.raises(RuntimeError, match=message):
-        ops.tree_verify_sample(scores, tokens, parents, torch.rand(tokens.numel() + 1))
+    for op, args in verify_ops_on(device, ops.tree_verify_greedy, ops.tree_verify_sample, scores, tokens, parents,
+                                  torch.rand(tokens.numel() + 1)):
+        if data_error and device == "cuda":
+            path, result = op(*args)
+            assert result.tolist() == [0, -1] and (path == -1).all()
+        else:
+            with pytest.raises(RuntimeError, match=message):
+                op(*args)
 
 
 @pytest.mark.parametrize("n,vocab", [(1500, VOCAB), (16, 262144)], ids=["1500_nodes", "V_256k"])
@@ -196,32 +199,27 @@ def test_verify_large(device, n, vocab):
     logits, tokens, parents = greedy_inputs(n, vocab, "wide", torch.bfloat16, seed_of("greedy", n, vocab))
     want = (reference_verify_greedy if device == "cpu" else ops.tree_verify_greedy)(logits, tokens, parents)
     got = ops.tree_verify_greedy(logits.to(device), tokens.to(device), parents.to(device))
-    assert want[1][0] >= 2 and torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+    assert want[1][0] >= 2 and equal_outputs(got, want)
     probs, tokens, parents, _ = sample_inputs(n, vocab, "wide", torch.bfloat16, seed_of("sample", n, vocab))
     for _ in range(3):
         u = torch.rand(n + 1, generator=g)
         want = (reference_verify_sample if device == "cpu" else ops.tree_verify_sample)(probs, tokens, parents, u)
         got = ops.tree_verify_sample(*[t.to(device) for t in (probs, tokens, parents, u)])
-        assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+        assert equal_outputs(got, want)
 
 
 def test_verify_non_contiguous_inputs(device):
     """Column-major scores and every-other-element tokens / parents / uniforms give the results
     of their contiguous copies."""
-    def strided(t):
-        wide = t.new_zeros(2 * t.numel())
-        wide[::2] = t
-        return wide[::2]
-
     logits, tokens, parents = greedy_inputs(40, VOCAB, "random", torch.float16, 3)
     probs = logits.float().softmax(-1)
     u = torch.rand(41, generator=gen(3))
     args = [t.to(device) for t in (logits, probs, tokens, parents, u)]
-    odd = [args[0].t().contiguous().t(), args[1].t().contiguous().t()] + [strided(t) for t in args[2:]]
+    odd = [layout(t, "transposed") for t in args[:2]] + [layout(t, "strided") for t in args[2:]]
     assert not any(t.is_contiguous() for t in odd)
     for got, want in [(ops.tree_verify_greedy(odd[0], *odd[2:4]), ops.tree_verify_greedy(args[0], *args[2:4])),
                       (ops.tree_verify_sample(*odd[1:]), ops.tree_verify_sample(*args[1:]))]:
-        assert want[1][0] >= 1 and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert want[1][0] >= 1 and equal_outputs(got, want)
 
 
 # ---------------------------------------------------------------- tree_verify_sample
@@ -235,7 +233,7 @@ def test_verify_sample_matches_reference(n, shape, dtype):
         probs, tokens, parents, uniforms = sample_inputs(n, VOCAB, shape, dtype, seed_of(n, shape, dtype, rep))
         path, result = ops.tree_verify_sample(probs, tokens, parents, uniforms)
         ref_path, ref_result = reference_verify_sample(probs, tokens, parents, uniforms)
-        assert torch.equal(path, ref_path) and torch.equal(result, ref_result)
+        assert equal_outputs((path, result), (ref_path, ref_result))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -247,7 +245,7 @@ def test_verify_sample_one_hot_target_equals_greedy(shape):
     expected = ops.tree_verify_greedy(logits, tokens, parents)
     for _ in range(20):
         got = ops.tree_verify_sample(one_hot, tokens, parents, torch.rand(61, generator=g))
-        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        assert equal_outputs(got, expected)
 
 
 def test_verify_sample_invariants():
@@ -286,18 +284,7 @@ def test_verify_sample_rejects_bad_uniforms(uniforms, message):
         ops.tree_verify_sample(*verify_args(), uniforms)
 
 
-# Distribution test: a Markov "target" q(next | current token) over a small vocabulary. Node
-# i's row is q(. | tokens[i]); a lossless sampler emits t1 ~ q(. | root) and t2 ~ q(. | t1).
-SMALL_V = 6
-
-
-def markov_case():
-    q = torch.softmax(torch.randn(SMALL_V, SMALL_V, generator=gen(3)), dim=-1)
-    q[:, 4] = 0  # a token the target never emits (one draft below proposes it)
-    q = q / q.sum(-1, keepdim=True)
-    parents = torch.tensor([-1, 0, 0, 0, 1, 1, 2, 4])
-    tokens = torch.tensor([1, 2, 4, 0, 3, 2, 5, 1])
-    return q, q[tokens], tokens, parents
+# Distribution test: helpers.markov_case, a Markov "target" over a small vocabulary.
 
 
 def emitted_prefixes(probs, tokens, parents, q, uniforms, extra):
@@ -311,21 +298,6 @@ def emitted_prefixes(probs, tokens, parents, q, uniforms, extra):
             emitted.append(int(torch.searchsorted(q[emitted[0]].cumsum(0), e.unsqueeze(0)).clamp(max=SMALL_V - 1)))
         pairs.append(emitted[:2])
     return torch.tensor(pairs)
-
-
-def chi_square_passes(counts: torch.Tensor, expected_p: torch.Tensor) -> bool:
-    """Pearson chi-square at significance 1e-3 (Wilson-Hilferty quantile; scipy is not needed).
-
-    Cells the target gives zero probability must stay empty."""
-    if (counts[expected_p == 0] > 0).any():
-        return False
-    keep = expected_p > 0
-    expected = expected_p[keep] * counts.sum()
-    stat = float(((counts[keep] - expected) ** 2 / expected).sum())
-    df = int(keep.sum()) - 1
-    z = 3.0902  # standard normal 0.999 quantile
-    critical = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-    return stat < critical
 
 
 def test_verify_sample_preserves_target_distribution():
@@ -348,11 +320,6 @@ def test_verify_sample_preserves_target_distribution():
 # ---------------------------------------------------------------- kv_compact_
 
 
-def random_path(length: int, span: int, g: torch.Generator) -> torch.Tensor:
-    rest = torch.randperm(span - 1, generator=g)[: length - 1].sort().values + 1
-    return torch.cat([torch.zeros(1, dtype=torch.int64), rest])
-
-
 def cropped_caches(layers: int, dtype: torch.dtype, g: torch.Generator):
     """[B, H, S, D] views into bigger buffers: a sequence crop of a [B, S, H, D] layout, i.e.
     neither contiguous nor starting at the buffer's origin."""
@@ -373,8 +340,7 @@ def test_kv_compact_matches_reference(dtype, dst_start):
         assert not views[0].is_contiguous()
         ops.kv_compact_(views, path, dst_start)
         reference_kv_compact_(ref_views, path, dst_start)
-        for got, want in zip(bases, ref_bases):  # also checks nothing outside the views moved
-            assert torch.equal(got, want)
+        assert equal_outputs(bases, ref_bases)  # also checks nothing outside the views moved
 
 
 def test_kv_compact_aliasing_path():
@@ -390,7 +356,7 @@ def test_kv_compact_several_shapes_one_call():
     path = torch.tensor([0, 1, 4, 6])
     ops.kv_compact_(kv, path, 2)
     reference_kv_compact_(want, path, 2)
-    assert all(torch.equal(a, b) for a, b in zip(kv, want))
+    assert equal_outputs(kv, want)
 
 
 def test_kv_compact_disjoint_views_of_one_buffer(device):
@@ -487,14 +453,7 @@ def test_cuda_tree_build_equals_cpu(n, shape):
         for dtype in FLOAT_DTYPES:
             want = ops.tree_build(parents, prefix_len, dtype)
             got = ops.tree_build(parents.cuda(), prefix_len, dtype)
-            assert all(g.is_cuda and torch.equal(g.cpu(), w) for g, w in zip(got, want))
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("parents,message", BAD_TREES)
-def test_cuda_tree_build_rejects_malformed_tree(parents, message):
-    with pytest.raises(RuntimeError, match=message):
-        ops.tree_build(parents.cuda(), 0)
+            assert equal_outputs(got, want, "cuda")
 
 
 @pytest.mark.cuda
@@ -508,13 +467,13 @@ def test_cuda_verify_equals_cpu(n, shape, dtype, vocab):
         logits, tokens, parents = greedy_inputs(n, vocab, shape, dtype, seed_of(n, shape, dtype, vocab, rep))
         want = ops.tree_verify_greedy(logits, tokens, parents)
         got = ops.tree_verify_greedy(*on_cuda(logits, tokens, parents))
-        assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+        assert equal_outputs(got, want)
         probs, tokens, parents, _ = sample_inputs(n, vocab, shape, dtype, seed_of(n, shape, dtype, vocab, rep))
         for _ in range(5):
             uniforms = torch.rand(n + 1, generator=g)
             want = ops.tree_verify_sample(probs, tokens, parents, uniforms)
             got = ops.tree_verify_sample(*on_cuda(probs, tokens, parents, uniforms))
-            assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+            assert equal_outputs(got, want)
 
 
 @pytest.mark.cuda
@@ -533,27 +492,12 @@ def test_cuda_verify_edge_cases_equal_cpu():
             s = scores.to(dtype)
             want = ops.tree_verify_greedy(s, tokens, parents)
             got = ops.tree_verify_greedy(*on_cuda(s, tokens, parents))
-            assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+            assert equal_outputs(got, want)
             for _ in range(10):
                 u = torch.rand(parents.numel() + 1, generator=g)
                 want = ops.tree_verify_sample(s, tokens, parents, u)
                 got = ops.tree_verify_sample(*on_cuda(s, tokens, parents, u))
-                assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("mutate,message,data_error", BAD_VERIFY)
-def test_cuda_verify_bad_input(mutate, message, data_error):
-    """Shape errors raise as on CPU; data errors (tree, token range) give the sentinel result."""
-    scores, tokens, parents = mutate(*verify_args())
-    for op, extra in [(ops.tree_verify_greedy, []), (ops.tree_verify_sample, [torch.rand(tokens.numel() + 1)])]:
-        args = on_cuda(scores, tokens, parents, *extra)
-        if data_error:
-            path, result = op(*args)
-            assert result.tolist() == [0, -1] and (path == -1).all()
-        else:
-            with pytest.raises(RuntimeError, match=message):
-                op(*args)
+                assert equal_outputs(got, want)
 
 
 @pytest.mark.cuda
@@ -567,12 +511,12 @@ def test_cuda_verify_large_vocab_equals_cpu():
         probs = torch.softmax(logits.float(), dim=-1).to(dtype)
         want = ops.tree_verify_greedy(logits, tokens, parents)
         got = ops.tree_verify_greedy(*on_cuda(logits, tokens, parents))
-        assert want[1][0] >= 2 and torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+        assert want[1][0] >= 2 and equal_outputs(got, want)
         for _ in range(5):
             u = torch.rand(61, generator=g)
             want = ops.tree_verify_sample(probs, tokens, parents, u)
             got = ops.tree_verify_sample(*on_cuda(probs, tokens, parents, u))
-            assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+            assert equal_outputs(got, want)
 
 
 @pytest.mark.cuda
@@ -586,7 +530,7 @@ def test_cuda_kv_compact_equals_cpu(dtype):
         cuda_views = [b.permute(0, 2, 1, 3)[:, :, 4:45, 1:8] for b in cuda_bases]
         ops.kv_compact_(views, path, dst_start)
         ops.kv_compact_(cuda_views, path.cuda(), dst_start)
-        assert all(torch.equal(c.cpu(), b) for c, b in zip(cuda_bases, bases))
+        assert equal_outputs(cuda_bases, bases)
 
 
 @pytest.mark.cuda
@@ -605,14 +549,12 @@ def test_cuda_every_op_runs_on_the_current_stream():
     """Every op inside a non-default stream: its inputs are written on that stream only after a
     long GPU sleep, so an op that launched on another stream would read the stale inputs (or
     have its KV moves overwritten) and give a different answer."""
-    from test_draft_step import sample_inputs as draft_inputs
-
     parents = random_tree(99, gen(41), "wide")
     logits, tokens, _ = greedy_inputs(99, VOCAB, "wide", torch.float32, 41)
     probs, u = logits.softmax(-1), torch.rand(100, generator=gen(42))
     kv = torch.randn(1, 2, 40, 8, generator=gen(43))
     path = torch.tensor([0, 3, 7, 20])
-    [(ref, _, draft_args)] = draft_inputs("cpu", torch.float32, [(64, 128, 4, 3, 2, 50, 4)])
+    [(ref, _, draft_args)] = draft_step_cases("cpu", torch.float32, [(64, 128, 4, 3, 2, 50, 4)])
     fresh = [parents, logits, probs, tokens, u, kv, draft_args[0]]
     stale = [torch.arange(-1, 98), torch.zeros_like(logits), torch.ones_like(probs), torch.zeros_like(tokens),
              torch.zeros_like(u), torch.zeros_like(kv), torch.zeros_like(draft_args[0])]
@@ -632,9 +574,9 @@ def test_cuda_every_op_runs_on_the_current_stream():
         ops.kv_compact_([d_kv], path.cuda(), 2)
         step = ops.falcon_draft_step(d_x, *d_draft[0], d_draft[1], ref.heads, ref.eps)
     side.synchronize()
-    assert all(torch.equal(g.cpu(), w) for g, w in zip(built, ops.tree_build(parents, 5)))
-    assert all(torch.equal(g.cpu(), w) for g, w in zip(greedy, ops.tree_verify_greedy(logits, tokens, parents)))
-    assert all(torch.equal(g.cpu(), w) for g, w in zip(sampled, ops.tree_verify_sample(probs, tokens, parents, u)))
+    assert equal_outputs(built, ops.tree_build(parents, 5))
+    assert equal_outputs(greedy, ops.tree_verify_greedy(logits, tokens, parents))
+    assert equal_outputs(sampled, ops.tree_verify_sample(probs, tokens, parents, u))
     ops.kv_compact_([kv], path, 2)
     assert torch.equal(d_kv.cpu(), kv)
     with torch.no_grad():

@@ -15,7 +15,20 @@ import inspect
 import pytest
 import torch
 import transformers
-from test_ops import FLOAT_DTYPES, SHAPES, VOCAB, chi_square_passes, gen, markov_case, random_path, seed_of
+from helpers import (
+    FLOAT_DTYPES,
+    SHAPES,
+    SIZES,
+    VOCAB,
+    chi_square_passes,
+    equal_outputs,
+    gen,
+    greedy_reference,
+    markov_case,
+    random_path,
+    seed_of,
+    verify_ops_on,
+)
 
 from falcon_ext import ops
 from falcon_ext.testing import (
@@ -31,7 +44,6 @@ from falcon_ext.testing import (
 )
 
 BATCHES = [1, 3, 7]
-SIZES = [1, 7, 99]
 PAD_TOKEN = -7  # outside any vocabulary: a padding node's token is never checked nor read
 
 
@@ -67,10 +79,6 @@ def batched_verify_inputs(batch, largest, shape, dtype, seed, sample):
     return scores, pad_rows([r[1] for r in rows], largest, PAD_TOKEN), pad_rows([r[2] for r in rows], largest, -1)
 
 
-def equal_on(device, got, want) -> bool:
-    return all(g.device.type == device and torch.equal(g.cpu(), w) for g, w in zip(got, want, strict=True))
-
-
 # ---------------------------------------------------------------- tree_build_batched
 
 
@@ -85,7 +93,7 @@ def test_tree_build_batched_matches_reference(device, batch, largest, shape):
         for dtype in FLOAT_DTYPES + [torch.float64]:
             got = ops.tree_build_batched(parents.to(device), prefix.to(device), dtype)
             assert got[0].dtype == dtype and got[0].shape == (batch, largest, prefix_len + largest)
-            assert equal_on(device, got, reference_tree_build_batched(parents, prefix, dtype))
+            assert equal_outputs(got, reference_tree_build_batched(parents, prefix, dtype), device)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -177,7 +185,7 @@ def test_verify_greedy_batched_matches_reference(device, batch, largest, shape, 
         logits, tokens, parents = batched_verify_inputs(batch, largest, shape, dtype,
                                                         seed_of("greedy-b", batch, largest, shape, dtype, rep), False)
         got = ops.tree_verify_greedy_batched(logits.to(device), tokens.to(device), parents.to(device))
-        assert equal_on(device, got, reference_verify_greedy_batched(logits, tokens, parents))
+        assert equal_outputs(got, reference_verify_greedy_batched(logits, tokens, parents), device)
         accepted += got[1][:, 0].tolist()
     if largest > 1 and shape == "chain":
         assert max(accepted) > 1  # the forced paths are actually accepted
@@ -197,7 +205,7 @@ def test_verify_sample_batched_matches_reference(device, batch, largest, shape, 
         for b, n in enumerate(tree_sizes(parents)):
             uniforms[b, n] = torch.rand(1, generator=g)
         got = ops.tree_verify_sample_batched(*[t.to(device) for t in (probs, tokens, parents, uniforms)])
-        assert equal_on(device, got, reference_verify_sample_batched(probs, tokens, parents, uniforms))
+        assert equal_outputs(got, reference_verify_sample_batched(probs, tokens, parents, uniforms), device)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -210,7 +218,7 @@ def test_verify_batched_rows_equal_batch1(batch, shape):
     path, result = ops.tree_verify_greedy_batched(logits, tokens, parents)
     for b, n in enumerate(tree_sizes(parents)):
         alone = ops.tree_verify_greedy(logits[b, :n], tokens[b, :n], parents[b, :n])
-        assert torch.equal(path[b, :n], alone[0]) and (path[b, n:] == -1).all() and torch.equal(result[b], alone[1])
+        assert equal_outputs((path[b, :n], result[b]), alone) and (path[b, n:] == -1).all()
     probs, tokens, parents = batched_verify_inputs(batch, 99, shape, torch.float32, seed_of("rows-s", batch, shape),
                                                    True)
     for _ in range(5):
@@ -218,8 +226,7 @@ def test_verify_batched_rows_equal_batch1(batch, shape):
         path, result = ops.tree_verify_sample_batched(probs, tokens, parents, uniforms)
         for b, n in enumerate(tree_sizes(parents)):
             alone = ops.tree_verify_sample(probs[b, :n], tokens[b, :n], parents[b, :n], uniforms[b, : n + 1])
-            assert torch.equal(path[b, :n], alone[0]) and (path[b, n:] == -1).all()
-            assert torch.equal(result[b], alone[1])
+            assert equal_outputs((path[b, :n], result[b]), alone) and (path[b, n:] == -1).all()
 
 
 def test_verify_batched_non_contiguous_inputs(device):
@@ -229,14 +236,13 @@ def test_verify_batched_non_contiguous_inputs(device):
     args = [t.to(device) for t in (logits, probs, tokens, parents, u)]
     odd = [t.transpose(0, 1).contiguous().transpose(0, 1) for t in args]
     assert not any(t.is_contiguous() for t in odd)
-    assert equal_on(device, ops.tree_verify_greedy_batched(odd[0], *odd[2:4]),
-                    [t.cpu() for t in ops.tree_verify_greedy_batched(args[0], *args[2:4])])
-    assert equal_on(device, ops.tree_verify_sample_batched(*odd[1:]),
-                    [t.cpu() for t in ops.tree_verify_sample_batched(*args[1:])])
+    assert equal_outputs(ops.tree_verify_greedy_batched(odd[0], *odd[2:4]),
+                         ops.tree_verify_greedy_batched(args[0], *args[2:4]), device)
+    assert equal_outputs(ops.tree_verify_sample_batched(*odd[1:]), ops.tree_verify_sample_batched(*args[1:]), device)
 
 
 def test_verify_sample_batched_preserves_target_distribution():
-    """testing's Markov target (test_ops) in every row, padded to different widths: each row's
+    """helpers.markov_case's Markov target in every row, padded to different widths: each row's
     first emitted token follows the target (chi-square at 1e-3)."""
     q, probs, tokens, parents = markov_case()
     n, width, batch, draws = tokens.numel(), tokens.numel() + 4, 3, 6000
@@ -286,12 +292,21 @@ BAD_VERIFY_BATCHED = [  # (mutation, message, the row whose data is bad: CUDA gi
 
 
 @pytest.mark.parametrize("mutate,message,bad_row", BAD_VERIFY_BATCHED)
-def test_verify_batched_rejects_bad_input(mutate, message, bad_row):
+def test_verify_batched_rejects_bad_input(device, mutate, message, bad_row):
+    """Argument errors raise on every device. A data error raises naming its row on the CPU; on
+    CUDA it gives its row the sentinel (0, -1), and the other rows their normal result."""
     scores, tokens, parents = mutate(*batched_verify_args())
-    with pytest.raises(RuntimeError, match=message):
-        ops.tree_verify_greedy_batched(scores, tokens, parents)
-    with pytest.raises(RuntimeError, match=message):
-        ops.tree_verify_sample_batched(scores, tokens, parents, torch.rand(scores.shape[0], tokens.shape[1] + 1))
+    for op, args in verify_ops_on(device, ops.tree_verify_greedy_batched, ops.tree_verify_sample_batched, scores,
+                                  tokens, parents, torch.rand(scores.shape[0], tokens.shape[1] + 1)):
+        if bad_row is None or device == "cpu":
+            with pytest.raises(RuntimeError, match=message):
+                op(*args)
+            continue
+        path, result = op(*args)
+        assert result[bad_row].tolist() == [0, -1] and (path[bad_row] == -1).all()
+        good = 1 - bad_row
+        alone = op(*[a[good : good + 1] for a in args])
+        assert equal_outputs((path[good], result[good]), (alone[0][0], alone[1][0]))
 
 
 @pytest.mark.parametrize("uniforms,message", [
@@ -303,26 +318,6 @@ def test_verify_batched_rejects_bad_input(mutate, message, bad_row):
 def test_verify_sample_batched_rejects_bad_uniforms(uniforms, message):
     with pytest.raises(RuntimeError, match=message):
         ops.tree_verify_sample_batched(*batched_verify_args(), uniforms)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("mutate,message,bad_row", BAD_VERIFY_BATCHED)
-def test_cuda_verify_batched_bad_input(mutate, message, bad_row):
-    """Shape errors raise as on CPU; a data error gives its row the sentinel (0, -1), and the
-    other rows their normal result."""
-    scores, tokens, parents = mutate(*batched_verify_args())
-    uniforms = torch.rand(scores.shape[0], tokens.shape[1] + 1)
-    for op, extra in [(ops.tree_verify_greedy_batched, []), (ops.tree_verify_sample_batched, [uniforms])]:
-        args = [t.cuda() for t in (scores, tokens, parents, *extra)]
-        if bad_row is None:
-            with pytest.raises(RuntimeError, match=message):
-                op(*args)
-            continue
-        path, result = op(*args)
-        assert result[bad_row].tolist() == [0, -1] and (path[bad_row] == -1).all()
-        good = 1 - bad_row
-        alone = op(*[a[good : good + 1] for a in args])
-        assert torch.equal(path[good], alone[0][0]) and torch.equal(result[good], alone[1][0])
 
 
 # ---------------------------------------------------------------- kv_compact_batched_
@@ -356,7 +351,7 @@ def test_kv_compact_batched_matches_reference(device, batch, dtype, src_start):
         got = [b.to(device) for b in bases]
         ops.kv_compact_batched_([b.permute(0, 2, 1, 3)[:, :, 4:45, 1:8] for b in got], paths.to(device), dst,
                                 src_start)
-        assert all(torch.equal(a.cpu(), w) for a, w in zip(got, want))  # whole buffers: nothing else moved
+        assert equal_outputs(got, want)  # whole buffers: nothing else moved
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -447,7 +442,7 @@ def test_cuda_kv_compact_batched_many_tensors_equals_cpu():
     cuda_bases = [b.cuda() for b in bases]
     ops.kv_compact_batched_(views, paths, dst, 20)
     ops.kv_compact_batched_([b.permute(0, 2, 1, 3)[:, :, 4:45, 1:8] for b in cuda_bases], paths.cuda(), dst, 20)
-    assert all(torch.equal(c.cpu(), b) for c, b in zip(cuda_bases, bases))
+    assert equal_outputs(cuda_bases, bases)
     wide = torch.randn(2, 2, 6, 140000, generator=g).half()
     wide_cuda = wide.cuda()
     ops.kv_compact_batched_([wide], torch.tensor([[0, 2], [0, -1]]), [1, 0], 3)
@@ -481,9 +476,9 @@ def test_cuda_batched_ops_run_on_the_current_stream():
         sampled = ops.tree_verify_sample_batched(d_probs, d_tokens, d_parents, d_u)
         ops.kv_compact_batched_([d_kv], d_paths, dst, 20)
     side.synchronize()
-    assert equal_on("cuda", built, ops.tree_build_batched(parents, prefix))
-    assert equal_on("cuda", greedy, ops.tree_verify_greedy_batched(logits, tokens, parents))
-    assert equal_on("cuda", sampled, ops.tree_verify_sample_batched(probs, tokens, parents, u))
+    assert equal_outputs(built, ops.tree_build_batched(parents, prefix), "cuda")
+    assert equal_outputs(greedy, ops.tree_verify_greedy_batched(logits, tokens, parents), "cuda")
+    assert equal_outputs(sampled, ops.tree_verify_sample_batched(probs, tokens, parents, u), "cuda")
     ops.kv_compact_batched_([kv], paths, dst, 20)
     assert torch.equal(d_kv.cpu(), kv)
 
@@ -531,8 +526,8 @@ def test_cache_layout_verifies_each_row_as_alone(tiny):
             for context, (chain, decoys) in zip(contexts, plan):
                 # a random root, then the target's own greedy continuation (accepted) and decoys
                 root = int(torch.randint(0, vocab, (1,), generator=g))
-                follow = model.generate(torch.tensor([context + [root]]), do_sample=False, max_new_tokens=max(chain, 1),
-                                        pad_token_id=0)[0, len(context) + 1 :].tolist()[:chain]
+                follow = greedy_reference(model, torch.tensor([context + [root]]), max(chain, 1),
+                                          None)[0, len(context) + 1 :].tolist()[:chain]
                 decoy_parents = torch.randint(0, chain + 1, (decoys,), generator=g).tolist()
                 trees.append(torch.tensor([-1] + list(range(chain)) + decoy_parents))
                 drafts.append(torch.tensor([root] + follow + torch.randint(0, vocab, (decoys,), generator=g).tolist()))
@@ -547,7 +542,7 @@ def test_cache_layout_verifies_each_row_as_alone(tiny):
                                      position_ids=row_positions[None])[0]
                 torch.testing.assert_close(logits[b, :n], row_logits, rtol=1e-4, atol=1e-4)
                 row_path, row_result = ops.tree_verify_greedy(row_logits, drafts[b], trees[b])
-                assert torch.equal(path[b, :n], row_path) and torch.equal(result[b], row_result)
+                assert equal_outputs((path[b, :n], result[b]), (row_path, row_result))
                 count = int(row_result[0])
                 contexts[b] += drafts[b][row_path[:count]].tolist()
                 ops.kv_compact_(cache_tensors(alone[b]), row_path[:count], alone_lengths[b])
