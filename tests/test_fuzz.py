@@ -356,9 +356,9 @@ def draft_inputs(ref, inputs, dtype, how, device):
     return [*args, [layout(w.detach().to(dtype), how).to(device) for w in ref.weights()]]
 
 
-# H = 1 only in the error tests: RMSNorm over a single value x is x / sqrt(x^2 + eps), so near
-# |x| ~ sqrt(eps) one rounding moves the output by percents (for seed 11314 of (1, 37, 1, 3, 3, 0, 0)
-# the plain fp32 reference's block_k is 0.036 off fp64, as far as the op's), beyond any fixed tolerance.
+# H = 1 only in the error tests: RMSNorm over a single value x is x / sqrt(x^2 + eps), a sign
+# function except near |x| ~ sqrt(eps), where its slope reaches 1 / (2^1.5 sqrt(eps)) and scales
+# upstream rounding by that much: no fixed tolerance holds there for every draw.
 @FUZZ
 @given(shape=draft_shapes(hidden=(7, 12, 99)), seed=st.integers(0, 2**16), dtype=FLOATS, how=LAYOUTS,
        encode_only=st.booleans())
