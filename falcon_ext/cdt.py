@@ -94,20 +94,31 @@ class DraftContext:
     are *settled*: folded into the LSTM state and the attention KV cache, computed once from the
     target's true features. Speculative (drafted) positions never enter this state, so after
     the target accepts a path, extend() settles only the newly accepted positions.
+
+    For k = 1 nothing stays pending: a block of one position sees itself and what came before,
+    exactly what settling computes, so the first pass only finishes the last settled position
+    (``FalconDrafter.settled_output``) instead of running the LSTM over it a second time.
     """
 
     state: "LSTMState"  # noqa: F821  (falcon.LSTMState: after the last settled position)
     keys: torch.Tensor  # [capacity, H]; rows [:length] are valid
     values: torch.Tensor
     length: int
-    pending: torch.Tensor  # [P <= k, 2H] inputs of the pending positions
+    pending: torch.Tensor  # [P <= k, 2H] inputs of the pending positions (none when k = 1)
     next_token: int | None
+    k: int
+
+    @property
+    def ready(self) -> bool:
+        """Whether the first pass has its input: k pending positions, or for k = 1 one settled."""
+        return self.length > 0 if self.k == 1 else self.pending.shape[0] == self.k
 
     @classmethod
     def empty(cls, drafter) -> "DraftContext":
         H = drafter.config.hidden_size
         w = drafter.qkv.weight
-        return cls(drafter.zero_state(1), w.new_empty(0, H), w.new_empty(0, H), 0, w.new_empty(0, 2 * H), None)
+        k = drafter.config.k
+        return cls(drafter.zero_state(1), w.new_empty(0, H), w.new_empty(0, H), 0, w.new_empty(0, 2 * H), None, k)
 
     def extend(self, drafter, tokens: torch.Tensor, features: torch.Tensor | None, next_token: int) -> None:
         H = drafter.config.hidden_size
@@ -123,7 +134,7 @@ class DraftContext:
         ahead = torch.cat([tokens[1:], tokens.new_tensor([next_token])])
         self.pending = torch.cat([self.pending, drafter.pair_inputs(features, ahead)])
         self.next_token = next_token
-        settle = self.pending.shape[0] - drafter.config.k
+        settle = self.pending.shape[0] - (0 if self.k == 1 else self.k)
         if settle > 0:
             k, v, self.state = drafter.encode(self.pending[None, :settle], self.state)
             self._append(k, v)

@@ -68,7 +68,7 @@ def measure_ranks(drafter, target, prompts: list[torch.Tensor], *, max_new_token
 def _chain_ranks(drafter, truth: torch.Tensor, passes: int, max_rank: int):
     """Ranks of ``truth`` (depths 1..passes*k) running the drafter's passes along it."""
     k = drafter.config.k
-    if drafter.context.pending.shape[0] < k:
+    if not drafter.context.ready:
         return None
     loop = Passes(drafter, drafter.context)
     head = drafter.draft_head()

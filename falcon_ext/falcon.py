@@ -204,7 +204,8 @@ class Passes:
     """The drafter's pass loop over a context, one ``step`` per pass: the one loop that decoding
     (``FalconDrafter.propose``), tree tuning (``cdt_tune``) and training's chain acceptance run.
 
-    Pass 0 drafts a block of k positions from the context's k pending positions. Every later pass
+    Pass 0 drafts a block of k positions from the context's k pending positions (k = 1: from the
+    last settled position, see ``cdt.DraftContext``). Every later pass
     drafts from the previous pass's blocks, after ``feed`` names the tokens chosen for them (and,
     for a tree, which branches continue): position i of a block is the pair (its predicted
     feature, the token chosen at i). Every branch attends to the settled context and to its own
@@ -212,19 +213,24 @@ class Passes:
     """
 
     def __init__(self, drafter: "FalconDrafter", ctx: cdt.DraftContext):
-        if ctx.pending.shape[0] < drafter.config.k:
-            raise ValueError(f"drafting needs {drafter.config.k} pending context positions, the context has "
-                             f"{ctx.pending.shape[0]}")
+        if not ctx.ready:
+            raise ValueError(f"drafting needs {drafter.config.k} context positions, the context has "
+                             f"{ctx.length + ctx.pending.shape[0]}")
         self.drafter = drafter
-        self.x, self.state = ctx.pending[None], ctx.state
+        # x None: pass 0 of a k = 1 drafter, whose query position is already settled.
+        self.x, self.state = (ctx.pending[None] if ctx.pending.shape[0] else None), ctx.state
         self.br_k = self.br_v = ctx.keys.new_empty(1, 0, drafter.config.hidden_size)
         self.ctx_k, self.ctx_v = ctx.keys[:ctx.length], ctx.values[:ctx.length]
         self.out = self.block_k = self.block_v = None
 
     def step(self) -> torch.Tensor:
         """Runs the next pass: its predicted features [B, k, H], one block per branch."""
-        self.out, self.state, self.block_k, self.block_v = self.drafter.draft_step(
-            self.x, self.state, self.ctx_k, self.ctx_v, self.br_k, self.br_v)
+        if self.x is None:  # its key and value are the context's last row, not a branch's block
+            self.out = self.drafter.settled_output(self.state, self.ctx_k, self.ctx_v)
+            self.block_k, self.block_v = self.br_k, self.br_v
+        else:
+            self.out, self.state, self.block_k, self.block_v = self.drafter.draft_step(
+                self.x, self.state, self.ctx_k, self.ctx_v, self.br_k, self.br_v)
         return self.out
 
     def feed(self, block_tokens: torch.Tensor, branches: torch.Tensor | None = None) -> None:
@@ -368,6 +374,17 @@ class FalconDrafter(nn.Module):
         _, k, v = self.qkv(self.attn_norm(out[0])).chunk(3, dim=-1)
         return k, v, LSTMState(h, c)
 
+    def settled_output(self, state: LSTMState, ctx_k, ctx_v) -> torch.Tensor:
+        """The output [1, 1, H] at the last settled position: its LSTM output is layer 1's h in
+        ``state`` and its key/value are the last rows of ctx_k/ctx_v [S, H], so only the query,
+        the attention and the MLP remain (plain PyTorch: 5 small matmuls, no LSTM weights read)."""
+        H, heads = self.config.hidden_size, self.config.num_heads
+        h = state.h[1][:, None]  # [1, 1, H]
+        q = F.linear(self.attn_norm(h), self.qkv.weight[:H])
+        split = lambda t: t.view(1, -1, heads, H // heads).transpose(1, 2)  # noqa: E731
+        attn = F.scaled_dot_product_attention(split(q), split(ctx_k[None]), split(ctx_v[None]))
+        return self._finish(h, attn.transpose(1, 2).reshape(1, 1, H))
+
     def draft_block(self, x, state: LSTMState, ctx_k, ctx_v, br_k, br_v):
         """One drafter forward over a block of k drafted positions per branch (plain PyTorch).
 
@@ -420,7 +437,7 @@ class FalconDrafter(nn.Module):
             raise RuntimeError("propose() before extend(): the drafter has no context")
         device = ctx.pending.device
         root = torch.tensor([ctx.next_token], dtype=torch.long, device=device)
-        if ctx.pending.shape[0] < self.config.k:  # fewer than k context positions: nothing to draft from yet
+        if not ctx.ready:  # fewer than k context positions: nothing to draft from yet
             return DraftTree(root, torch.tensor([-1], dtype=torch.long, device=device))
         idx = plan.tensors(device)
         node_tokens = [root]

@@ -8,7 +8,7 @@ from torch import nn
 
 from falcon_ext.cdt import TreePlan, chain
 from falcon_ext.drafting import DraftTree
-from falcon_ext.falcon import FalconDrafter, FalconDrafterConfig
+from falcon_ext.falcon import FalconDrafter, FalconDrafterConfig, Passes
 
 STORIES = Path(__file__).resolve().parents[1] / "falcon_ext" / "models" / "stories260K"
 
@@ -136,7 +136,7 @@ def test_bad_inputs_raise():
         TreePlan([[0, 0]], 2)
 
 
-@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("k", [1, 2, 3])
 def test_incremental_state_matches_from_scratch(k):
     """After several extends, the first pass (and a second drafted pass) equal a full forward."""
     d = make_drafter(7, k=k, heads=7)
@@ -147,16 +147,16 @@ def test_incremental_state_matches_from_scratch(k):
     for a, b in zip(cuts, cuts[1:]):
         d.extend(tokens[a:b], feats[a:b], int(tokens[b]))
     ctx = d.context
-    assert ctx.length == T - k and ctx.pending.shape[0] == k
+    # k = 1 keeps nothing pending: pass 0 finishes the last settled position.
+    assert (ctx.length, ctx.pending.shape[0]) == ((T, 0) if k == 1 else (T - k, k))
     full = d(feats[None, :T], tokens[None, 1:T + 1], block_offset=T % k)[0]
-    out1, state, bk, bv = d.draft_block(ctx.pending[None], ctx.state, ctx.keys[:ctx.length],
-                                        ctx.values[:ctx.length], ctx.keys.new_empty(1, 0, 7),
-                                        ctx.keys.new_empty(1, 0, 7))
+    loop = Passes(d, ctx)
+    out1 = loop.step()
     torch.testing.assert_close(out1[0], full[T - k:], rtol=1e-5, atol=1e-5)
     # Pass 2: drafted pairs (f^_{T+j}, x_{T+j+1}) continue the sequence as one more block.
     drafted = torch.randint(0, 111, (k,))
-    x2 = d.pair_inputs(out1, drafted[None])
-    out2, _, _, _ = d.draft_block(x2, state, ctx.keys[:ctx.length], ctx.values[:ctx.length], bk, bv)
+    loop.feed(drafted[None])
+    out2 = loop.step()
     f_all = torch.cat([feats[:T], out1[0]])
     t_all = torch.cat([tokens[1:T + 1], drafted])
     full2 = d(f_all[None], t_all[None], block_offset=T % k)[0]
@@ -184,25 +184,22 @@ def test_propose_returns_valid_tree(k, vocab):
     assert int(tree.tokens[0]) == int(tokens[8]) and int(tree.parents[0]) == -1
     assert all(0 <= int(p) < i for i, p in enumerate(tree.parents.tolist()) if i)
     assert tree.tokens.dtype == torch.long and 0 <= int(tree.tokens.min()) and int(tree.tokens.max()) < 111
-    # Independent check of every node: follow each node's path, re-running the drafter's blocks.
-    ctx = d.context
-    empty = ctx.keys.new_empty(1, 0, 7)
-    plan = d.plan
-    for n, path in enumerate(plan.paths, start=1):
-        x, state, bk_all, bv_all = ctx.pending[None], ctx.state, empty, empty
-        drafted = []
+    # Independent check of every node: follow each node's path with full-sequence forwards,
+    # appending each pass's predicted features and chosen tokens to the sequence.
+    T = 8
+    for n, path in enumerate(d.plan.paths, start=1):
+        f_all, t_all, drafted = feats[:T], tokens[1:T + 1], []
         passes = (len(path) - 1) // k + 1
         for p in range(passes):
-            out, state, bk, bv = d.draft_block(x, state, ctx.keys[:ctx.length], ctx.values[:ctx.length],
-                                               bk_all, bv_all)
-            bk_all, bv_all = torch.cat([bk_all, bk], 1), torch.cat([bv_all, bv], 1)
-            logits = d.logits(out)[0]  # the full head; ids outside the draft vocabulary are masked
+            out = d(f_all[None], t_all[None], block_offset=T % k)[0, T - k + p * k:T + p * k]
+            logits = d.logits(out)  # the full head; ids outside the draft vocabulary are masked
             if vocab is not None:
                 logits = logits.masked_fill(~torch.isin(torch.arange(111), torch.tensor(vocab)), float("-inf"))
             order = logits.argsort(-1, descending=True)
-            drafted += [int(order[j, path[p * k + j]]) for j in range(k) if p * k + j < len(path)]
+            block = [int(order[j, path[p * k + j]]) for j in range(k) if p * k + j < len(path)]
+            drafted += block
             if p + 1 < passes:
-                x = d.pair_inputs(out, torch.tensor([drafted[p * k:]]))
+                f_all, t_all = torch.cat([f_all, out]), torch.cat([t_all, torch.tensor(block)])
         assert int(tree.tokens[n]) == drafted[-1], (path, drafted)
     if vocab is not None:
         assert set(tree.tokens[1:].tolist()) <= set(vocab)
