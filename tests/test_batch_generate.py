@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from falcon_ext import PromptLookupDrafter, speculative_generate
+from falcon_ext import FalconDrafter, FalconDrafterConfig, PromptLookupDrafter, speculative_generate
+from falcon_ext.evaluate import load_drafter
 from conftest import tiny_model
 from scripted_drafters import PerRow, RandomTreeDrafter, ScriptedDrafter
 from test_generate import chi_square_pvalue, exact_distribution
@@ -188,6 +189,89 @@ def test_batched_sampling_is_lossless_per_row(temperature, top_k, top_p):
     assert accepted_drafts > runs // 10  # the rejection sampler really accepted drafts
     for b in range(len(prompts)):
         assert chi_square_pvalue(counts[b], probs[b]) > 1e-3, b
+
+
+# ---------------------------------------------------------------- the Falcon drafter
+
+# A bushy tree: several branches per pass, so pass p runs rows x branches blocks.
+TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
+
+
+def random_falcon(target, k: int, seed: int = 0) -> FalconDrafter:
+    """An untrained drafter with non-trivial weights: its trees are wrong often, right sometimes."""
+    torch.manual_seed(seed)
+    drafter = FalconDrafter(FalconDrafterConfig.for_target(target, k=k, tree=TREE), target)
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return drafter
+
+
+def test_falcon_drafter_rows_equal_generate_alone_on_stories260K(stories):
+    model, tokenizer = stories
+    prompts = story_ids(tokenizer)
+    refs = [alone(model, p, END_BUDGET, EOS) for p in prompts]
+    ids, mask = left_pad(prompts)
+    out = speculative_generate(model, load_drafter("stories260K", model), ids, attention_mask=mask,
+                               max_new_tokens=END_BUDGET, eos_token_id=EOS)
+    assert torch.equal(out.sequences, expected(ids, refs, pad=EOS[0]))
+    assert out.mean_accepted_tokens > 1.5  # the shipped drafter's trees are accepted in the batch too
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_falcon_drafter_rows_equal_generate_alone_on_tiny_families(tiny, k):
+    """Rows of 1 to 12 prompt tokens: a row with fewer than k context positions drafts the root
+    alone while the other rows draft whole trees in the same step."""
+    g = torch.Generator().manual_seed(4)
+    vocab = tiny.config.vocab_size
+    prompts = [torch.randint(1, vocab, (n,), generator=g).tolist() for n in (1, 12, 5, 2)]
+    eos = alone(tiny, prompts[2], 9, None)[-1]
+    refs = [alone(tiny, p, 30, eos) for p in prompts]
+    ids, mask = left_pad(prompts)
+    out = speculative_generate(tiny, random_falcon(tiny, k), ids, attention_mask=mask, max_new_tokens=30,
+                               eos_token_id=eos)
+    assert torch.equal(out.sequences, expected(ids, refs, pad=tiny.generation_config.pad_token_id)), \
+        (tiny.config.model_type, k)
+    assert max(n for sizes in out.tree_sizes for n in sizes) == len(TREE) + 1  # whole trees were verified
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_propose_rows_equals_propose_row_by_row(stories, k):
+    """Batched drafting (padded contexts, one call per pass for all rows) drafts every row's tree
+    as the batch-1 drafter does on that row alone, after extends of different lengths and for
+    any subset of rows."""
+    model, tokenizer = stories
+    prompts = [tokenizer(s).input_ids for s in STORIES] + [[1]]  # the last: too short to draft from (k = 2)
+    features = [model(torch.tensor([p]), output_hidden_states=True).hidden_states[-1][0].detach() for p in prompts]
+    batched = random_falcon(model, k, seed=1)
+    single = [random_falcon(model, k, seed=1) for _ in prompts]
+    rows = list(range(len(prompts)))
+    batched.reset_rows(len(prompts))
+    for drafter in single:
+        drafter.reset()
+    # first the prompts, then "accepted paths" of different lengths: the next few prompt tokens again
+    cut = [len(p) - min(len(p) - 1, 3 + b) if len(p) > 1 else 1 for b, p in enumerate(prompts)]
+    steps = [[(p[:c], f[:c], p[c] if c < len(p) else 7) for p, f, c in zip(prompts, features, cut)],
+             [(p[c:], f[c:], 11) for p, f, c in zip(prompts, features, cut) if c < len(p)]]
+    calls = []
+    original = batched.draft_block
+    batched.draft_block = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    for step in steps:
+        active = rows[:len(step)]
+        batched.extend_rows(active, [torch.tensor(t) for t, _, _ in step], [f for _, f, _ in step],
+                            [n for _, _, n in step])
+        for row, (t, f, n) in zip(active, step):
+            single[row].extend(torch.tensor(t), f, n)
+        for subset in (active, active[1::2]):
+            calls.clear()
+            trees = batched.propose_rows(subset)
+            for row, tree in zip(subset, trees):
+                alone_tree = single[row].propose()
+                assert torch.equal(tree.tokens, alone_tree.tokens) and torch.equal(tree.parents, alone_tree.parents)
+            drafting = [row for row in subset if batched.row_contexts[row].ready]
+            # k > 1: every pass is one draft_block call for all rows (k = 1: pass 0 needs none)
+            assert len(calls) == (0 if len(drafting) < 2 else batched.plan.num_passes - (k == 1))
+    assert [len(t) for t in batched.propose_rows(rows)][-1] == (1 if k == 2 else len(TREE) + 1)
 
 
 # ---------------------------------------------------------------- bad input
