@@ -33,7 +33,7 @@ def left_pad(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torc
 
 def alone(model, prompt: list[int], max_new_tokens: int, eos) -> list[int]:
     """transformers' greedy continuation of one prompt, run alone (batch 1, no padding)."""
-    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
+    out = model.generate(torch.tensor([prompt], device=model.device), do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
                          pad_token_id=0, temperature=None, top_k=None, top_p=None)
     return out[0, len(prompt):].tolist()
 
@@ -189,6 +189,26 @@ def test_batched_sampling_is_lossless_per_row(temperature, top_k, top_p):
     assert accepted_drafts > runs // 10  # the rejection sampler really accepted drafts
     for b in range(len(prompts)):
         assert chi_square_pvalue(counts[b], probs[b]) > 1e-3, b
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cuda_batch_matches_generate_alone(stories, temperature):
+    """The batch loop on a GPU: CUDA batched ops, device-side uniforms, the cache and its row
+    selection on the device, with prompt lookup and the Falcon drafter."""
+    model, tokenizer = stories
+    model = type(model).from_pretrained(model.name_or_path, dtype=torch.float32).cuda().eval()
+    prompts = story_ids(tokenizer)
+    refs = [alone(model, p, 120, EOS) for p in prompts]
+    ids, mask = left_pad(prompts)
+    for drafter in (PromptLookupDrafter(max_branches=3), load_drafter("stories260K", model)):
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        out = speculative_generate(model, drafter, ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=120,
+                                   temperature=temperature, top_k=0, top_p=1.0, eos_token_id=EOS,
+                                   generator=generator)
+        assert out.sequences.is_cuda and out.sequences.shape[0] == len(prompts)
+        if temperature == 0.0:
+            assert torch.equal(out.sequences.cpu(), expected(ids, refs, pad=EOS[0]))
 
 
 # ---------------------------------------------------------------- the Falcon drafter
