@@ -14,6 +14,14 @@ the prefill, and for greedy runs how many outputs equal (a)'s: identical, or dif
 rounding near-tie of the target's logits (explained, expected in bf16/fp16), or not
 (unexplained: a bug; the exit status is then 1), see falcon_ext.divergence. The engine's
 methods also get a per-stage step-time breakdown. Results go to OUT/bench.json, bench.md and bench.png.
+
+``--batch-size B``: consecutive prompts run B at a time, left-padded into one batch, for
+(a), (b) and (c) alike (transformers' prompt lookup and assisted generation take one prompt, so
+(d) and (e) are skipped). Speed is then throughput: the rows' new tokens over the batch's wall
+time. Each prompt still gets its own record (its row's tokens, compared with (a)'s row), with
+the batch's time, stage times and, for (a), forwards shared out over its rows; an engine row's
+forwards are its own steps, so mean accepted tokens stays per row and step. ``--tree-size
+auto`` shrinks a Falcon drafter's tree as B grows (falcon_ext.cdt_tune.tree_size_for_batch).
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import bench_report
 from . import prompts as prompt_sets
-from .cdt_tune import measured_tree
+from .cdt_tune import measured_tree, tree_size_for_batch
 from .checkpoint import drafter_dir
 from .divergence import classify
 from .drafting import DraftTree
@@ -41,19 +49,31 @@ WARMUP_TOKENS = 8
 
 
 class RootOnlyDrafter:
-    """Proposes the root alone: the engine then emits one target-chosen token per forward."""
+    """Proposes the root alone: the engine then emits one target-chosen token per forward (a
+    falcon_ext.BatchDrafter, so that a batch gets its plain decoding baseline too)."""
 
     needs_features = False
 
     def reset(self) -> None:
-        self._next, self._device = None, torch.device("cpu")
+        self.reset_rows(1)
 
     def extend(self, tokens: torch.Tensor, features, next_token: int) -> None:
-        self._next, self._device = next_token, tokens.device
+        self.extend_rows([0], [tokens], None, [next_token])
 
     def propose(self) -> DraftTree:
-        return DraftTree(torch.tensor([self._next], device=self._device),
-                         torch.tensor([-1], device=self._device))
+        return self.propose_rows([0])[0]
+
+    def reset_rows(self, batch_size: int) -> None:
+        self._next, self._device = [None] * batch_size, torch.device("cpu")
+
+    def extend_rows(self, rows: list[int], tokens: list[torch.Tensor], features, next_tokens: list[int]) -> None:
+        for row, next_token in zip(rows, next_tokens, strict=True):
+            self._next[row] = next_token
+        self._device = tokens[0].device
+
+    def propose_rows(self, rows: list[int]) -> list[DraftTree]:
+        return [DraftTree(torch.tensor([self._next[row]], device=self._device),
+                          torch.tensor([-1], device=self._device)) for row in rows]
 
 
 class ForwardCounter:
@@ -79,10 +99,48 @@ class RunResult:
 
 
 @dataclass
+class PromptBatch:
+    """Prompts run together: their indices, ids [B, T] left-padded and the attention mask (None
+    for one prompt, which is never padded)."""
+
+    prompts: list[int]
+    ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+
+    def row_tokens(self, sequences: torch.Tensor, eos: list[int]) -> list[list[int]]:
+        """Each row's new tokens, through its first EOS (the batch pads a finished row after it)."""
+        rows = []
+        for new in sequences[:, self.ids.shape[1]:].tolist():
+            end = next((i + 1 for i, t in enumerate(new) if t in eos), len(new)) if len(self.prompts) > 1 else len(new)
+            rows.append(new[:end])
+        return rows
+
+
+def make_batches(ids_list: list[torch.Tensor], batch_size: int) -> list[PromptBatch]:
+    """Consecutive prompts, ``batch_size`` at a time (the last batch may be smaller), left-padded
+    with id 0 (any id: the attention mask hides it)."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    batches = []
+    for start in range(0, len(ids_list), batch_size):
+        chunk = ids_list[start:start + batch_size]
+        if len(chunk) == 1:
+            batches.append(PromptBatch([start], chunk[0]))
+            continue
+        width = max(ids.shape[1] for ids in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=chunk[0].dtype, device=chunk[0].device)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(chunk):
+            ids[row, width - prompt.shape[1]:], mask[row, width - prompt.shape[1]:] = prompt[0], 1
+        batches.append(PromptBatch(list(range(start, start + len(chunk))), ids, mask))
+    return batches
+
+
+@dataclass
 class Method:
     key: str
     label: str
-    run: Callable[[torch.Tensor, int, int], RunResult]  # (input ids, max new tokens, seed)
+    run: Callable[[PromptBatch, int, int], list[RunResult]]  # (prompts, max new tokens, seed): one per row
 
 
 @dataclass
@@ -117,40 +175,54 @@ class Setup:
         else:
             sampling = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
 
-        def run(ids, max_new, seed):
+        def run(batch: PromptBatch, max_new, seed):
             torch.manual_seed(seed)
             out, seconds, forwards = self.timed(lambda: self.model.generate(
-                ids, max_new_tokens=max_new, eos_token_id=self.eos, pad_token_id=self.pad, **sampling, **extra))
-            return RunResult(out[0, ids.shape[1]:].tolist(), seconds, forwards)
+                batch.ids, attention_mask=batch.attention_mask, max_new_tokens=max_new, eos_token_id=self.eos,
+                pad_token_id=self.pad, **sampling, **extra))
+            rows = len(batch.prompts)
+            # the batch's forwards run every row: each row's count is the batch's
+            return [RunResult(tokens, seconds / rows, forwards) for tokens in batch.row_tokens(out, self.eos)]
 
         return Method(key, label, run)
 
     def engine_method(self, key: str, label: str, drafter) -> Method:
-        def run(ids, max_new, seed):
-            generator = torch.Generator(device=ids.device).manual_seed(seed)
+        def run(batch: PromptBatch, max_new, seed):
+            generator = torch.Generator(device=batch.ids.device).manual_seed(seed)
             out, seconds, forwards = self.timed(lambda: speculative_generate(
-                self.model, drafter, ids, max_new_tokens=max_new, temperature=self.temperature, top_k=self.top_k,
-                top_p=self.top_p, eos_token_id=self.eos, generator=generator, profile=self.breakdown,
-                fp32_lm_head=self.fp32_lm_head))
-            return RunResult(out.sequences[0, ids.shape[1]:].tolist(), seconds, forwards, out.decode_seconds,
-                             dict(out.stage_seconds), sum(out.tree_sizes), list(out.accept_lengths))
+                self.model, drafter, batch.ids, attention_mask=batch.attention_mask, max_new_tokens=max_new,
+                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, eos_token_id=self.eos,
+                generator=generator, profile=self.breakdown, fp32_lm_head=self.fp32_lm_head))
+            tokens = batch.row_tokens(out.sequences, self.eos)
+            if len(batch.prompts) == 1:
+                return [RunResult(tokens[0], seconds, forwards, out.decode_seconds, dict(out.stage_seconds),
+                                  sum(out.tree_sizes), list(out.accept_lengths))]
+            share = 1 / len(batch.prompts)  # the batch's times, shared out over its rows
+            return [RunResult(row_tokens, seconds * share, 1 + len(steps), out.decode_seconds * share,
+                              {stage: t * share for stage, t in out.stage_seconds.items()}, sum(sizes), list(steps))
+                    for row_tokens, steps, sizes in zip(tokens, out.accept_lengths, out.tree_sizes)]
 
         return Method(key, label, run)
 
 
 def resolve_drafter(name: str, model, target_name: str, lookup_tokens: int = 10, lookup_branches: int = 1,
-                    tree_size: int = 0):
+                    tree_size: int | str = 0, batch_size: int = 1):
     """``lookup`` (prompt lookup), ``falcon`` (the Falcon drafter shipped for this target) or a
     Falcon drafter folder / shipped drafter name; a Falcon drafter drafts with the best
-    ``tree_size``-node tree of its cdt_measurement.json when that is not 0."""
+    ``tree_size``-node tree of its cdt_measurement.json when that is not 0, and with ``"auto"``
+    with the size that measurement predicts fastest for ``batch_size`` rows."""
     if name == "lookup":
         if tree_size:
-            raise ValueError("--tree-size applies to Falcon drafters, not to --drafter lookup")
+            raise ValueError("--tree-size applies to Falcon drafters, not to --drafter lookup (its tree is "
+                             "--lookup-tokens x --lookup-branches)")
         return PromptLookupDrafter(num_tokens=lookup_tokens, max_branches=lookup_branches)
     if name == "falcon":
         name = Path(target_name.rstrip("/")).name.removesuffix(".gguf")
     drafter = load_drafter(name, model).eval()
-    if tree_size:
+    if tree_size == "auto":
+        tree_size = tree_size_for_batch(drafter_dir(name), batch_size)
+        drafter.set_tree(measured_tree(drafter_dir(name), tree_size))
+    elif tree_size:
         drafter.set_tree(measured_tree(drafter_dir(name), tree_size))
     return drafter
 
@@ -170,13 +242,17 @@ def build_methods(args, model, tokenizer, counter) -> tuple[list[Method], dict[s
             methods.append(setup.engine_method(key, "falcon_ext AR" + head, RootOnlyDrafter()))
         elif key == "spec":
             drafter = resolve_drafter(args.drafter, model, args.target, args.lookup_tokens, args.lookup_branches,
-                                      args.tree_size)
+                                      args.tree_size, args.batch_size)
             name = args.drafter
             if name == "lookup":
                 name += f" ({args.lookup_tokens}" + (f" x {args.lookup_branches})" if args.lookup_branches > 1 else ")")
+            elif args.tree_size == "auto":
+                name += f" (auto: {len(drafter.plan) - 1}-node tree for batch {args.batch_size})"
             elif args.tree_size:
                 name += f" ({args.tree_size}-node tree)"
             methods.append(setup.engine_method(key, f"falcon_ext + {name}{head}", drafter))
+        elif key in ("pld", "assisted") and args.batch_size > 1:
+            skipped[key] = "transformers' prompt lookup and assisted generation decode one prompt at a time"
         elif key == "pld":
             methods.append(setup.hf_method(key, f"HF prompt lookup ({args.pld_tokens})",
                                            prompt_lookup_num_tokens=args.pld_tokens))
@@ -202,24 +278,28 @@ def bench_inputs(args, model, tokenizer) -> tuple[list[prompt_sets.Prompt], list
     return chosen, [ids.to(device) for ids, _ in encoded], sum(cut for _, cut in encoded)
 
 
-def measure(methods: list[Method], chosen, ids_list, max_new: int, seed: int, progress: bool) -> list[dict]:
-    """Every method on every prompt, interleaved; one record per (prompt, method)."""
+def measure(methods: list[Method], chosen, batches: list[PromptBatch], max_new: int, seed: int,
+            progress: bool) -> list[dict]:
+    """Every method on every batch of prompts, interleaved; one record per (prompt, method)."""
     for m in methods:  # warm-up: first calls pay one-off allocation and dispatch costs
-        m.run(ids_list[0], min(WARMUP_TOKENS, max_new), seed)
+        m.run(batches[0], min(WARMUP_TOKENS, max_new), seed)
     records = []
-    bar = tqdm(list(zip(chosen, ids_list)), desc="bench", unit="prompt", disable=not progress)
-    for i, (prompt, ids) in enumerate(bar):
+    bar = tqdm(batches, desc="bench", unit="batch" if len(batches[0].prompts) > 1 else "prompt", disable=not progress)
+    for i, batch in enumerate(bar):
         shift = i % len(methods)
-        results = {m.key: m.run(ids, max_new, seed + i) for m in methods[shift:] + methods[:shift]}
-        reference = results["generate"].tokens if "generate" in results else None
-        for m in methods:
-            r = results[m.key]
-            records.append(dict(prompt=i, category=prompt.category, method=m.key, prompt_tokens=ids.shape[1],
-                                new_tokens=len(r.tokens), seconds=r.seconds, forwards=r.forwards,
-                                decode_seconds=r.decode_seconds, stage_seconds=r.stage_seconds,
-                                tree_nodes=r.tree_nodes, accept_lengths=r.accept_lengths,
-                                same_as_generate=None if reference is None else r.tokens == reference,
-                                tokens=r.tokens))
+        results = {m.key: m.run(batch, max_new, seed + i) for m in methods[shift:] + methods[:shift]}
+        for row, prompt in enumerate(batch.prompts):
+            reference = results["generate"][row].tokens if "generate" in results else None
+            for m in methods:
+                r = results[m.key][row]
+                records.append(dict(prompt=prompt, category=chosen[prompt].category, method=m.key,
+                                    prompt_tokens=int(batch.ids.shape[1] if batch.attention_mask is None
+                                                      else batch.attention_mask[row].sum()),
+                                    new_tokens=len(r.tokens), seconds=r.seconds, forwards=r.forwards,
+                                    decode_seconds=r.decode_seconds, stage_seconds=r.stage_seconds,
+                                    tree_nodes=r.tree_nodes, accept_lengths=r.accept_lengths,
+                                    same_as_generate=None if reference is None else r.tokens == reference,
+                                    tokens=r.tokens))
         if "generate" in results and "spec" in results:
             done = [r for r in records if r["method"] in ("generate", "spec")]
             t = {k: sum(r["seconds"] for r in done if r["method"] == k) for k in ("generate", "spec")}
@@ -244,7 +324,8 @@ def run_bench(args) -> int:
     chosen, ids_list, cut = bench_inputs(args, model, tokenizer)
     counter = ForwardCounter(model)
     methods, skipped = build_methods(args, model, tokenizer, counter)
-    records = measure(methods, chosen, ids_list, args.max_new_tokens, args.seed, not args.no_progress)
+    batches = make_batches(ids_list, args.batch_size)
+    records = measure(methods, chosen, batches, args.max_new_tokens, args.seed, not args.no_progress)
     if args.temperature == 0:
         classify_divergences(model, records, ids_list)
     report = bench_report.build_report(args, methods, skipped, records, cut, dtype_name(model.dtype))

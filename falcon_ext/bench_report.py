@@ -21,6 +21,7 @@ STAGE_GROUPS = {
     "accept": "bookkeeping",
     "commit": "bookkeeping",
     "emit": "bookkeeping",
+    "drop_finished": "bookkeeping",
     "loop overhead": "bookkeeping",
 }
 
@@ -168,8 +169,9 @@ def markdown(report: dict) -> str:
     c, env, labels = report["config"], report["environment"], report["methods"]
     mode = "greedy" if c["temperature"] == 0 else f"temperature {c['temperature']}, top-k {c['top_k']}, top-p {c['top_p']}"
     n = next(iter(report["summary"].values()))["prompts"] if report["summary"] else 0
+    batch = f", batches of {c['batch_size']}" if c.get("batch_size", 1) > 1 else ""
     lines = [f"### {Path(c['target']).name}, drafter `{c['drafter']}`, prompts `{c['prompts']}` "
-             f"({n} prompts x {c['max_new_tokens']} new tokens, {mode})", "",
+             f"({n} prompts x {c['max_new_tokens']} new tokens, {mode}{batch})", "",
              "| method | tokens/s | speedup vs model.generate | speedup vs falcon_ext AR | mean accepted tokens "
              "| output vs model.generate: identical / explained / unexplained |",
              "|---|---:|---:|---:|---:|---:|"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 
 def chain(depth: int) -> list[list[int]]:
@@ -139,6 +140,15 @@ class DraftContext:
             k, v, self.state = drafter.encode(self.pending[None, :settle], self.state)
             self._append(k, v)
             self.pending = self.pending[settle:]
+
+    @staticmethod
+    def padded(contexts: list["DraftContext"]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Several rows' settled keys and values [R, S, H], each row's padded at its end to the
+        longest (S), and the mask [R, S] (True: a settled position) that hides the padding."""
+        keys = pad_sequence([c.keys[:c.length] for c in contexts], batch_first=True)
+        values = pad_sequence([c.values[:c.length] for c in contexts], batch_first=True)
+        lengths = torch.tensor([c.length for c in contexts], device=keys.device)
+        return keys, values, torch.arange(keys.shape[1], device=keys.device) < lengths[:, None]
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         need = self.length + k.shape[0]

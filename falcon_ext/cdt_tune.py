@@ -113,6 +113,40 @@ def measured_tree(folder: Path, size: int) -> list[list[int]]:
     return trees[size]
 
 
+def tree_size_for_batch(folder: Path, batch: int) -> int:
+    """The tree size (nodes below the root) with the most tokens per second when ``batch`` rows
+    are verified in one forward, from the drafter's cdt_measurement.json (what ``tune`` measured
+    at batch 1 on its device).
+
+    A step of B rows verifies B x (N + 1) tokens, so a tree that verification paid for at B = 1
+    costs real time once B x (N + 1) tokens are compute-bound. Each size N is scored as
+    B x tokens(N) / (draft(N) + verify(B x (N + 1))): tokens(N) and draft(N) as measured (the
+    drafter runs all rows' branches in one call per pass, so its time is taken as the batch-1
+    time, a lower bound), verify(M) read off the measured verify-cost curve (M = N + 1 tokens
+    for each measured N), linearly between its points and beyond its last two (where it is
+    compute-bound, it grows linearly).
+    """
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    path = Path(folder) / "cdt_measurement.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `falcon-ext tune-tree --drafter {folder} ...` first")
+    options = json.loads(path.read_text())["options"]
+    curve = sorted((o["size"] + 1, o["verify_seconds"]) for o in options)
+    if len(curve) < 2:
+        raise ValueError(f"{path} measured fewer than two tree sizes: no verify-cost curve to read")
+
+    def verify_seconds(tokens: int) -> float:
+        i = next((i for i in range(1, len(curve)) if curve[i][0] >= tokens), len(curve) - 1)
+        (x0, y0), (x1, y1) = curve[i - 1], curve[i]
+        return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
+
+    def tokens_per_second(o) -> float:
+        return batch * o["expected_tokens"] / (o["draft_seconds"] + verify_seconds(batch * (o["size"] + 1)))
+
+    return max(options, key=tokens_per_second)["size"]
+
+
 def expected_accepted(tree: list[list[int]], rates) -> float:
     return sum(rates.get(tuple(p), 0.0) for p in tree)
 

@@ -155,6 +155,14 @@ def _method_list(text: str) -> list[str]:
     return [m for m in bench.METHODS if m in methods]  # canonical order: the baselines first
 
 
+def _tree_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"--tree-size must be a number of nodes >= 0 or auto, got {text!r}")
+    return int(text)
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="generate with speculative decoding and compare with plain decoding")
     p.add_argument("--model", default="stories260K",
@@ -195,9 +203,13 @@ def _add_bench(sub) -> None:
     p.add_argument("--lookup-tokens", type=int, default=10, help="tokens per continuation of --drafter lookup")
     p.add_argument("--lookup-branches", type=int, default=1,
                    help="continuations merged into one tree by --drafter lookup (1: a chain, like transformers')")
-    p.add_argument("--tree-size", type=int, default=0,
+    p.add_argument("--tree-size", type=_tree_size, default=0,
                    help="Falcon drafter: draft with its best N-node measured tree (cdt_measurement.json) instead "
-                        "of the tree it stores for this device (0)")
+                        "of the tree it stores for this device (0); auto: the size that measurement predicts "
+                        "fastest for --batch-size rows (smaller as the batch grows)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="prompts decoded together, left-padded into one batch, by model.generate, falcon_ext AR and "
+                        "falcon_ext + the drafter alike (tokens/s = all rows' tokens over the batch's time)")
     p.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for method pld")
     p.add_argument("--assistant", default=None, help="assistant model (HF folder) for method assisted")
     add_dtype_argument(p)

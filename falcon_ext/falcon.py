@@ -210,27 +210,51 @@ class Passes:
     for a tree, which branches continue): position i of a block is the pair (its predicted
     feature, the token chosen at i). Every branch attends to the settled context and to its own
     earlier blocks.
+
+    Given several rows' contexts (a batch), pass 0 has one branch per row and every pass runs
+    the branches of all rows in one call. The fused op takes one context for all its branches,
+    so a batch's passes run ``draft_block`` (plain PyTorch) on the rows' contexts padded to the
+    longest, with a key mask that hides the padding.
     """
 
-    def __init__(self, drafter: "FalconDrafter", ctx: cdt.DraftContext):
-        if not ctx.ready:
-            raise ValueError(f"drafting needs {drafter.config.k} context positions, the context has "
-                             f"{ctx.length + ctx.pending.shape[0]}")
+    def __init__(self, drafter: "FalconDrafter", ctx: cdt.DraftContext | list[cdt.DraftContext]):
+        contexts = ctx if isinstance(ctx, list) else [ctx]
+        for c in contexts:
+            if not c.ready:
+                raise ValueError(f"drafting needs {drafter.config.k} context positions, the context has "
+                                 f"{c.length + c.pending.shape[0]}")
         self.drafter = drafter
+        first = contexts[0]
         # x None: pass 0 of a k = 1 drafter, whose query position is already settled.
-        self.x, self.state = (ctx.pending[None] if ctx.pending.shape[0] else None), ctx.state
-        self.br_k = self.br_v = ctx.keys.new_empty(1, 0, drafter.config.hidden_size)
-        self.ctx_k, self.ctx_v = ctx.keys[:ctx.length], ctx.values[:ctx.length]
+        if not first.pending.shape[0]:
+            self.x = None
+        else:
+            self.x = first.pending[None] if len(contexts) == 1 else torch.stack([c.pending for c in contexts])
+        self.br_k = self.br_v = first.keys.new_empty(len(contexts), 0, drafter.config.hidden_size)
         self.out = self.block_k = self.block_v = None
+        if len(contexts) == 1:  # one context shared by every branch: what the fused op takes
+            self.state = first.state
+            self.ctx_k, self.ctx_v, self.ctx_mask = first.keys[:first.length], first.values[:first.length], None
+            self.branch_row = None
+        else:  # several rows (a batch): padded contexts, each branch reading its own row's
+            self.state = LSTMState(torch.cat([c.state.h for c in contexts], dim=1),
+                                   torch.cat([c.state.c for c in contexts], dim=1))
+            self.ctx_k, self.ctx_v, self.ctx_mask = cdt.DraftContext.padded(contexts)
+            self.branch_row = torch.arange(len(contexts), device=first.keys.device)
 
     def step(self) -> torch.Tensor:
         """Runs the next pass: its predicted features [B, k, H], one block per branch."""
         if self.x is None:  # its key and value are the context's last row, not a branch's block
-            self.out = self.drafter.settled_output(self.state, self.ctx_k, self.ctx_v)
+            self.out = self.drafter.settled_output(self.state, self.ctx_k, self.ctx_v, self.ctx_mask)
             self.block_k, self.block_v = self.br_k, self.br_v
-        else:
+        elif self.branch_row is None:
             self.out, self.state, self.block_k, self.block_v = self.drafter.draft_step(
                 self.x, self.state, self.ctx_k, self.ctx_v, self.br_k, self.br_v)
+        else:
+            row = self.branch_row
+            self.out, self.state, self.block_k, self.block_v = self.drafter.draft_block(
+                self.x, self.state, self.ctx_k.index_select(0, row), self.ctx_v.index_select(0, row), self.br_k,
+                self.br_v, self.ctx_mask.index_select(0, row))
         return self.out
 
     def feed(self, block_tokens: torch.Tensor, branches: torch.Tensor | None = None) -> None:
@@ -242,6 +266,8 @@ class Passes:
         if branches is not None:
             out, state = out.index_select(0, branches), state.select(branches)
             br_k, br_v = br_k.index_select(0, branches), br_v.index_select(0, branches)
+            if self.branch_row is not None:
+                self.branch_row = self.branch_row.index_select(0, branches)
         self.x, self.state, self.br_k, self.br_v = self.drafter.pair_inputs(out, block_tokens), state, br_k, br_v
 
 
@@ -374,23 +400,31 @@ class FalconDrafter(nn.Module):
         _, k, v = self.qkv(self.attn_norm(out[0])).chunk(3, dim=-1)
         return k, v, LSTMState(h, c)
 
-    def settled_output(self, state: LSTMState, ctx_k, ctx_v) -> torch.Tensor:
-        """The output [1, 1, H] at the last settled position: its LSTM output is layer 1's h in
-        ``state`` and its key/value are the last rows of ctx_k/ctx_v [S, H], so only the query,
-        the attention and the MLP remain (plain PyTorch: 5 small matmuls, no LSTM weights read)."""
+    def settled_output(self, state: LSTMState, ctx_k, ctx_v, ctx_mask=None) -> torch.Tensor:
+        """The output [R, 1, H] at the last settled position of R rows (R = 1: one context): its
+        LSTM output is layer 1's h in ``state`` [2, R, H] and its key/value are the last valid
+        rows of ctx_k/ctx_v ([S, H], or [R, S, H] with ``ctx_mask`` [R, S] marking the valid
+        rows), so only the query, the attention and the MLP remain (plain PyTorch: 5 small
+        matmuls, no LSTM weights read)."""
         H, heads = self.config.hidden_size, self.config.num_heads
-        h = state.h[1][:, None]  # [1, 1, H]
+        h = state.h[1][:, None]  # [R, 1, H]
+        rows = h.shape[0]
         q = F.linear(self.attn_norm(h), self.qkv.weight[:H])
-        split = lambda t: t.view(1, -1, heads, H // heads).transpose(1, 2)  # noqa: E731
-        attn = F.scaled_dot_product_attention(split(q), split(ctx_k[None]), split(ctx_v[None]))
-        return self._finish(h, attn.transpose(1, 2).reshape(1, 1, H))
+        split = lambda t: t.view(rows, -1, heads, H // heads).transpose(1, 2)  # noqa: E731
+        if ctx_k.dim() == 2:
+            ctx_k, ctx_v = ctx_k[None], ctx_v[None]
+        mask = None if ctx_mask is None else ctx_mask[:, None, None]
+        attn = F.scaled_dot_product_attention(split(q), split(ctx_k), split(ctx_v), attn_mask=mask)
+        return self._finish(h, attn.transpose(1, 2).reshape(rows, 1, H))
 
-    def draft_block(self, x, state: LSTMState, ctx_k, ctx_v, br_k, br_v):
+    def draft_block(self, x, state: LSTMState, ctx_k, ctx_v, br_k, br_v, ctx_mask=None):
         """One drafter forward over a block of k drafted positions per branch (plain PyTorch).
 
         Every query sees the whole context cache, its branch's earlier drafted blocks and its
         whole own block (the relaxed mask at decode time hides nothing).
-        Shape: x [B, k, 2H]; state [2, B, H]; ctx_k/ctx_v [S, H]; br_k/br_v [B, D, H].
+        Shape: x [B, k, 2H]; state [2, B, H]; ctx_k/ctx_v [S, H] (one context for every branch)
+        or [B, S, H] (one per branch, with ``ctx_mask`` [B, S]: False hides a padding position);
+        br_k/br_v [B, D, H].
         Returns (out [B, k, H], new state, block K [B, k, H], block V [B, k, H]).
         """
         B, k, _ = x.shape
@@ -400,7 +434,9 @@ class FalconDrafter(nn.Module):
         values = torch.cat([ctx_v.expand(B, -1, -1), br_v, bv], dim=1)
         heads, d = self.config.num_heads, self.config.hidden_size // self.config.num_heads
         split = lambda t: t.view(B, -1, heads, d).transpose(1, 2)  # noqa: E731
-        attn = F.scaled_dot_product_attention(split(q), split(keys), split(values))
+        mask = None if ctx_mask is None else torch.cat(
+            [ctx_mask, ctx_mask.new_ones(B, keys.shape[1] - ctx_mask.shape[1])], dim=1)[:, None, None]
+        attn = F.scaled_dot_product_attention(split(q), split(keys), split(values), attn_mask=mask)
         return self._finish(out, attn.transpose(1, 2).reshape(B, k, -1)), LSTMState(h, c), bk, bv
 
     def draft_step(self, x, state: LSTMState, ctx_k, ctx_v, br_k, br_v):
@@ -421,7 +457,7 @@ class FalconDrafter(nn.Module):
                  "mlp_norm": self.mlp_norm.weight, "w_up": self.up.weight, "w_down": self.down.weight}
         return [named[name] for name in FUSED_WEIGHTS]
 
-    # ---- Drafter protocol (falcon_ext.drafting) ----
+    # ---- Drafter protocol (falcon_ext.drafting), and BatchDrafter's per-row calls ----
     def reset(self) -> None:
         self.context = cdt.DraftContext.empty(self)
 
@@ -432,23 +468,66 @@ class FalconDrafter(nn.Module):
     @torch.no_grad()
     def propose(self) -> DraftTree:
         """Run the plan's passes and return the draft tree (tokens[0] = the next token)."""
-        ctx, plan = self.context, self.plan
-        if ctx.next_token is None:
+        return self._draft([self.context])[0]
+
+    def reset_rows(self, batch_size: int) -> None:
+        self.row_contexts = [cdt.DraftContext.empty(self) for _ in range(batch_size)]
+
+    @torch.no_grad()
+    def extend_rows(self, rows: list[int], tokens: list[torch.Tensor], features: list[torch.Tensor] | None,
+                    next_tokens: list[int]) -> None:
+        # Settling runs row by row: each row's new positions go through the fused op's LSTM
+        # from that row's own state (rows accept paths of different lengths).
+        if features is None:
+            raise ValueError("FalconDrafter needs the target's features in extend_rows() (needs_features=True)")
+        for row, row_tokens, row_features, next_token in zip(rows, tokens, features, next_tokens, strict=True):
+            self.row_contexts[row].extend(self, row_tokens, row_features, int(next_token))
+
+    @torch.no_grad()
+    def propose_rows(self, rows: list[int]) -> list[DraftTree]:
+        """One tree per row, the branches of all rows drafted together, one call per pass."""
+        return self._draft([self.row_contexts[row] for row in rows])
+
+    def _draft(self, contexts: list[cdt.DraftContext]) -> list[DraftTree]:
+        """The plan's tree for every context; one with fewer than k positions gets the root alone."""
+        if any(ctx.next_token is None for ctx in contexts):
             raise RuntimeError("propose() before extend(): the drafter has no context")
-        device = ctx.pending.device
-        root = torch.tensor([ctx.next_token], dtype=torch.long, device=device)
-        if not ctx.ready:  # fewer than k context positions: nothing to draft from yet
-            return DraftTree(root, torch.tensor([-1], dtype=torch.long, device=device))
-        idx = plan.tensors(device)
-        node_tokens = [root]
-        passes = Passes(self, ctx)
+        device = contexts[0].pending.device
+        roots = torch.tensor([[ctx.next_token] for ctx in contexts], dtype=torch.long, device=device)
+        ready = [i for i, ctx in enumerate(contexts) if ctx.ready]
+        drafted = {}
+        if ready:
+            tokens = self._draft_tokens([contexts[i] for i in ready],
+                                        roots if len(ready) == len(contexts) else roots[ready])
+            parents = self.plan.tensors(device)["parents"]
+            drafted = {i: DraftTree(row_tokens, parents) for i, row_tokens in zip(ready, tokens)}
+        # fewer than k context positions: nothing to draft from yet, the root alone
+        return [drafted[i] if i in drafted else DraftTree(roots[i], roots.new_tensor([-1]))
+                for i in range(len(contexts))]
+
+    def _draft_tokens(self, contexts: list[cdt.DraftContext], roots: torch.Tensor) -> torch.Tensor:
+        """The plan's passes over R contexts at once: node tokens [R, nodes], roots [R, 1] first.
+        Pass p runs R x (its branches per row) branches, row by row."""
+        plan, rows = self.plan, len(contexts)
+        idx = plan.tensors(roots.device)
+        passes = Passes(self, contexts if rows > 1 else contexts[0])
         head = self.draft_head()
+        node_tokens = [roots]
         for p in range(plan.num_passes):
             if p > 0:
-                passes.feed(torch.cat(node_tokens)[idx["block_nodes"][p]], idx["parent_branch"][p])
-            top = head.tokens(head.logits(passes.step()).topk(plan.topk[p], dim=-1).indices)  # [B, k, K] token ids
-            node_tokens.append(top.reshape(-1)[idx["gather"][p]])
-        return DraftTree(torch.cat(node_tokens), idx["parents"])
+                block = torch.cat(node_tokens, dim=1)[:, idx["block_nodes"][p]]  # [R, branches, k]
+                passes.feed(block.reshape(-1, plan.k), self._row_branches(idx["parent_branch"][p], rows, p - 1))
+            top = head.tokens(head.logits(passes.step()).topk(plan.topk[p], dim=-1).indices)  # [R x B, k, K] ids
+            node_tokens.append(top.reshape(rows, -1)[:, idx["gather"][p]])
+        return torch.cat(node_tokens, dim=1)
+
+    def _row_branches(self, parent_branch: torch.Tensor, rows: int, previous_pass: int) -> torch.Tensor:
+        """A pass's parent branches for R rows: row r's are offset by r x the previous pass's branches."""
+        if rows == 1:
+            return parent_branch
+        previous = len(self.plan.block_nodes[previous_pass]) or 1  # pass 0 has one branch per row
+        offsets = torch.arange(rows, device=parent_branch.device)[:, None] * previous
+        return (offsets + parent_branch).reshape(-1)
 
     def set_tree(self, paths: list[list[int]]) -> None:
         """Draft with another Custom-Designed Decoding Tree (rank paths, see falcon_ext.cdt).

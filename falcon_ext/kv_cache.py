@@ -53,6 +53,20 @@ class ReservedLayer(DynamicLayer):
         if self.is_initialized:
             self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
 
+    def select_rows(self, rows: torch.Tensor, start: int, end: int) -> None:
+        """Keep only the batch rows ``rows`` and the positions ``start .. end - 1`` (moved to 0)."""
+        if not self.is_initialized:
+            return
+        if not 0 <= start <= end <= self.length:
+            raise ValueError(f"cannot keep positions {start}..{end - 1} of a layer holding {self.length}")
+        rows = rows.to(self._keys.device)
+        for name in ("_keys", "_values"):
+            old = getattr(self, name)
+            new = old.new_empty((rows.numel(), old.shape[1], self.capacity, old.shape[-1]))
+            new[:, :, :end - start] = old[rows, :, start:end]
+            setattr(self, name, new)
+        self.keep(end - start)
+
     def crop(self, tokens_to_remove: int) -> None:
         # transformers' convention (negative: that many tokens from the end), as DynamicLayer.crop.
         if tokens_to_remove > 0:
@@ -86,3 +100,10 @@ class ReservedCache(Cache):
         """Keep the first ``length`` positions of every layer (after the engine's kv_compact_)."""
         for layer in self.layers:
             layer.keep(length)
+
+    def select_rows(self, rows: torch.Tensor, start: int, end: int) -> None:
+        """Keep batch rows ``rows`` (ids, in their new order) and positions ``start .. end - 1`` of
+        every layer: a batch drops its finished rows, the left padding and the stale end that no
+        remaining row needs."""
+        for layer in self.layers:
+            layer.select_rows(rows, start, end)

@@ -57,7 +57,13 @@ _NO_LOGITS = torch.empty(0, dtype=torch.int64)
 
 
 def forward(io: TargetIO, input_ids, cache, *, need_features, **kwargs):
-    """Logits [T, V] (float32 with io.head32) and, if asked or needed, the features [T, H]."""
+    """Logits [T, V] (float32 with io.head32) and, if asked or needed, the features [T, H]: one row."""
+    logits, features = forward_rows(io, input_ids, cache, need_features=need_features, **kwargs)
+    return logits[0], None if features is None else features[0]
+
+
+def forward_rows(io: TargetIO, input_ids, cache, *, need_features, **kwargs):
+    """:func:`forward` for a batch: logits [B, T, V] and, if asked or needed, features [B, T, H]."""
     if io.head32 is not None:
         kwargs["logits_to_keep"] = _NO_LOGITS.to(input_ids.device)
     out = io.model(
@@ -68,9 +74,9 @@ def forward(io: TargetIO, input_ids, cache, *, need_features, **kwargs):
         **{io.cache_kwarg: cache},
         **kwargs,
     )
-    features = out.hidden_states[-1][0] if need_features or io.head32 is not None else None
+    features = out.hidden_states[-1] if need_features or io.head32 is not None else None
     if io.head32 is None:
-        return out.logits[0], features
+        return out.logits, features
     weight, bias = io.head32
     logits = F.linear(features.to(weight.device, torch.float32), weight, bias)
     return logits, features if need_features else None

@@ -79,3 +79,36 @@ class RandomTreeDrafter:
         parents = [-1] + [self.rng.randrange(i) for i in range(1, n)]
         tokens = [self.next_token] + [self.rng.randrange(self.vocab) for _ in range(1, n)]
         return DraftTree(torch.tensor(tokens), torch.tensor(parents))
+
+
+class PerRow:
+    """A batch drafter (falcon_ext.BatchDrafter) made of one batch-1 drafter per row: each row's
+    drafter sees only its own row's calls, so a ScriptedDrafter per row also checks that the
+    engine hands every row exactly that row's tokens."""
+
+    def __init__(self, drafters):
+        self.drafters = drafters
+        self.needs_features = drafters[0].needs_features
+        self.asked = []  # the rows of each propose_rows call
+
+    def reset(self):
+        self.reset_rows(1)
+
+    def extend(self, tokens, features, next_token):
+        self.drafters[0].extend(tokens, features, next_token)
+
+    def propose(self):
+        return self.drafters[0].propose()
+
+    def reset_rows(self, batch_size):
+        assert batch_size == len(self.drafters)
+        for drafter in self.drafters:
+            drafter.reset()
+
+    def extend_rows(self, rows, tokens, features, next_tokens):
+        for i, row in enumerate(rows):
+            self.drafters[row].extend(tokens[i], None if features is None else features[i], next_tokens[i])
+
+    def propose_rows(self, rows):
+        self.asked.append(list(rows))
+        return [self.drafters[row].propose() for row in rows]

@@ -176,7 +176,6 @@ class OutOfVocabDrafter(RandomTreeDrafter):
 
 
 @pytest.mark.parametrize("kwargs,ids,message", [
-    (dict(), torch.ones(2, 4, dtype=torch.long), "batch size 1"),
     (dict(), torch.ones(1, 0, dtype=torch.long), "prompt is empty"),
     (dict(), torch.tensor([[1, 600]]), "must lie in"),
     (dict(), torch.tensor([[1.0, 2.0]]), "integer"),
