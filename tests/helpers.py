@@ -102,6 +102,32 @@ def chi_square_passes(counts: torch.Tensor, expected_p: torch.Tensor) -> bool:
     return stat < critical
 
 
+def exact_distribution(model, prompt, steps, processors):
+    """P(t_1..t_steps) for every continuation, by enumeration with transformers' own warpers."""
+    vocab = model.config.vocab_size
+    seqs, probs = [prompt], torch.ones(1)
+    for _ in range(steps):
+        batch = torch.tensor(seqs)
+        with torch.no_grad():
+            scores = processors(batch, model(batch).logits[:, -1].double())
+        p = scores.softmax(-1)
+        probs = (probs[:, None] * p).reshape(-1)
+        seqs = [s + [t] for s in seqs for t in range(vocab)]
+    return probs
+
+
+def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's test, cells with expected count < 5 pooled into one."""
+    expected = probs * counts.sum()
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), stat / 2.0))
+
+
 # ---------------------------------------------------------------- comparing outputs
 
 def equal_outputs(got, want, device: str | None = None) -> bool:

@@ -7,9 +7,8 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 
 from falcon_ext import FalconDrafter, FalconDrafterConfig, PromptLookupDrafter, speculative_generate
 from falcon_ext.evaluate import load_drafter
-from conftest import tiny_model
+from helpers import chi_square_pvalue, exact_distribution, greedy_reference, tiny_model
 from scripted_drafters import PerRow, RandomTreeDrafter, ScriptedDrafter
-from test_generate import chi_square_pvalue, exact_distribution
 
 # Stories that end (EOS 1 or 2) after different numbers of tokens, and one that does not end
 # within END_BUDGET tokens: rows stop at different steps.
@@ -33,8 +32,7 @@ def left_pad(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torc
 
 def alone(model, prompt: list[int], max_new_tokens: int, eos) -> list[int]:
     """transformers' greedy continuation of one prompt, run alone (batch 1, no padding)."""
-    out = model.generate(torch.tensor([prompt], device=model.device), do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                         pad_token_id=0, temperature=None, top_k=None, top_p=None)
+    out = greedy_reference(model, torch.tensor([prompt], device=model.device), max_new_tokens, eos)
     return out[0, len(prompt):].tolist()
 
 

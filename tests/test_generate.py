@@ -5,7 +5,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from falcon_ext import PromptLookupDrafter, speculative_generate
-from helpers import greedy_reference, tiny_model
+from helpers import chi_square_pvalue, exact_distribution, greedy_reference, tiny_model
 from scripted_drafters import RandomTreeDrafter, ScriptedDrafter
 
 STORY_PROMPTS = [
@@ -102,32 +102,6 @@ def test_streamer_receives_prompt_then_every_token(stories):
     out = speculative_generate(model, PromptLookupDrafter(), ids, max_new_tokens=50, streamer=streamer)
     assert streamer.ended and streamer.chunks[0] == ids[0].tolist()
     assert sum(streamer.chunks[1:], []) == out.sequences[0, ids.shape[1]:].tolist()
-
-
-def exact_distribution(model, prompt, steps, processors):
-    """P(t_1..t_steps) for every continuation, by enumeration with transformers' own warpers."""
-    vocab = model.config.vocab_size
-    seqs, probs = [prompt], torch.ones(1)
-    for _ in range(steps):
-        batch = torch.tensor(seqs)
-        with torch.no_grad():
-            scores = processors(batch, model(batch).logits[:, -1].double())
-        p = scores.softmax(-1)
-        probs = (probs[:, None] * p).reshape(-1)
-        seqs = [s + [t] for s in seqs for t in range(vocab)]
-    return probs
-
-
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's test, cells with expected count < 5 pooled into one."""
-    expected = probs * counts.sum()
-    small = expected < 5
-    obs = torch.cat([counts[~small], counts[small].sum()[None]])
-    exp = torch.cat([expected[~small], expected[small].sum()[None]])
-    keep = exp > 0
-    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
-    dof = int(keep.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), stat / 2.0))
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9)])
