@@ -20,7 +20,10 @@ methods also get a per-stage step-time breakdown. Results go to OUT/bench.json, 
 (d) and (e) are skipped). Speed is then throughput: the rows' new tokens over the batch's wall
 time. Each prompt still gets its own record (its row's tokens, compared with (a)'s row), with
 the batch's time, stage times and, for (a), forwards shared out over its rows; an engine row's
-forwards are its own steps, so mean accepted tokens stays per row and step. ``--tree-size
+forwards are its own steps, so mean accepted tokens stays per row and step. Greedy outputs are
+then compared with ``model.generate`` on each prompt alone, (a)'s batched rows included: in
+bf16/fp16 padding and batching change the rounding, and a divergence is classified where
+generate on the prompt alone can reproduce it. ``--tree-size
 auto`` shrinks a Falcon drafter's tree as B grows (falcon_ext.cdt_tune.tree_size_for_batch).
 """
 from __future__ import annotations
@@ -307,10 +310,17 @@ def measure(methods: list[Method], chosen, batches: list[PromptBatch], max_new: 
     return records
 
 
-def classify_divergences(model, records: list[dict], ids_list: list[torch.Tensor]) -> None:
+def classify_divergences(model, records: list[dict], ids_list: list[torch.Tensor],
+                         reference: dict[int, list[int]] | None = None) -> None:
     """Adds ``divergence`` to every greedy record that differs from model.generate's: where the
-    outputs part, and whether the target's logits there were a rounding near-tie (explained)."""
-    reference = {r["prompt"]: r["tokens"] for r in records if r["method"] == "generate"}
+    outputs part, and whether the target's logits there were a rounding near-tie (explained).
+    ``reference``: model.generate's tokens per prompt to compare with instead of the run's own
+    "generate" records (whose ``same_as_generate`` is then recomputed too)."""
+    if reference is None:
+        reference = {r["prompt"]: r["tokens"] for r in records if r["method"] == "generate"}
+    else:
+        for r in records:
+            r["same_as_generate"] = r["tokens"] == reference[r["prompt"]]
     for r in records:
         if r["same_as_generate"] is False:
             found = classify(model, ids_list[r["prompt"]], reference[r["prompt"]], r["tokens"], r["accept_lengths"])
@@ -326,8 +336,16 @@ def run_bench(args) -> int:
     methods, skipped = build_methods(args, model, tokenizer, counter)
     batches = make_batches(ids_list, args.batch_size)
     records = measure(methods, chosen, batches, args.max_new_tokens, args.seed, not args.no_progress)
-    if args.temperature == 0:
-        classify_divergences(model, records, ids_list)
+    generate = next((m for m in methods if m.key == "generate"), None)
+    if args.temperature == 0 and generate is not None:
+        reference = None
+        if args.batch_size > 1:
+            # In bf16/fp16 a batched row may differ from its prompt decoded alone (padding and the
+            # batch change the rounding), and classify can only reproduce generate on the prompt
+            # alone: every method's rows, generate's batched ones included, are compared with that.
+            reference = {b.prompts[0]: generate.run(b, args.max_new_tokens, args.seed)[0].tokens
+                         for b in make_batches(ids_list, 1)}
+        classify_divergences(model, records, ids_list, reference)
     report = bench_report.build_report(args, methods, skipped, records, cut, dtype_name(model.dtype))
     paths = bench_report.write(report, Path(args.out))
     print(bench_report.markdown(report))

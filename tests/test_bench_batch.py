@@ -76,3 +76,20 @@ def test_bench_rejects_bad_batch_and_tree_size(tmp_path):
     with pytest.raises(ValueError, match="--batch-size must be >= 1"):
         cli.main(["bench", "--batch-size", "0", "--num-prompts", "1", "--methods", "generate", "--out",
                   str(tmp_path), *COMMON])
+
+
+def test_batched_divergences_are_classified_against_the_prompt_alone(stories):
+    """A batched bf16 row may differ from its prompt decoded alone; classify can only reproduce
+    generate on the prompt alone, so a batched run passes that as the reference for every method."""
+    model, tokenizer = stories
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    alone = model.generate(ids, do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=0,
+                           temperature=None, top_k=None, top_p=None)[0, ids.shape[1]:].tolist()
+    batched_row = alone[:3] + [(alone[3] + 1) % model.config.vocab_size] + alone[4:]  # as if rounding had split
+    records = [dict(prompt=0, method="generate", tokens=batched_row, accept_lengths=None, same_as_generate=True),
+               dict(prompt=0, method="spec", tokens=list(alone), accept_lengths=[1] * 8, same_as_generate=False)]
+    with pytest.raises(ValueError, match="does not reproduce"):  # the batched row as reference: not reproducible
+        bench.classify_divergences(model, [dict(r) for r in records], [ids])
+    bench.classify_divergences(model, records, [ids], reference={0: alone})
+    assert [r["same_as_generate"] for r in records] == [False, True]
+    assert records[0]["divergence"]["position"] == 3 and "divergence" not in records[1]
