@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,10 @@ METHODS = "generate,ar,spec"
 def run_bench(out: Path, batch_size: int, bench_args: list[str]) -> dict:
     folder = out / f"b{batch_size}"
     if not (folder / "bench.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        # bench records the load when it ends, its own threads included: the load before it starts
+        # is the one that says whether anything else ran
+        (folder / "load_before.json").write_text(json.dumps(os.getloadavg()))
         command = [sys.executable, "-m", "falcon_ext.cli", "bench", *bench_args, "--methods", METHODS,
                    "--batch-size", str(batch_size), "--no-progress", "--out", str(folder)]
         print("+", " ".join(command), flush=True)
@@ -32,19 +37,20 @@ def run_bench(out: Path, batch_size: int, bench_args: list[str]) -> dict:
     return json.loads((folder / "bench.json").read_text())
 
 
-def row(batch_size: int, report: dict) -> dict:
+def row(batch_size: int, report: dict, report_dir: Path) -> dict:
     s = report["summary"]
     return {"batch_size": batch_size, "spec_label": report["methods"]["spec"],
             "generate_tps": s["generate"]["tokens_per_second"], "ar_tps": s["ar"]["tokens_per_second"],
             "spec_tps": s["spec"]["tokens_per_second"], "tau": s["spec"]["mean_accepted_tokens"],
             "speedup": s["spec"]["speedup_vs_generate"], "ar_speedup": s["ar"]["speedup_vs_generate"],
             "unexplained": sum(s[m]["unexplained_divergences"] for m in ("ar", "spec")),
-            "load": report["environment"]["load_average"][0], "commit": report["environment"]["falcon_ext_commit"]}
+            "load": json.loads((report_dir / "load_before.json").read_text())[0],
+            "commit": report["environment"]["falcon_ext_commit"]}
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| B | drafter (tree) | model.generate tok/s | falcon_ext AR | falcon_ext + drafter | speedup vs generate"
-             " | τ | unexplained | load at start | commit |",
+             " | τ | unexplained | load before | commit |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['batch_size']} | {r['spec_label']} | {r['generate_tps']:.1f} | {r['ar_tps']:.1f} "
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv[:split])
     bench_args = argv[split + 1:]
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [row(b, run_bench(args.out, b, bench_args)) for b in args.batch_sizes]
+    rows = [row(b, run_bench(args.out, b, bench_args), args.out / f"b{b}") for b in args.batch_sizes]
     table = markdown(rows)
     (args.out / "sweep.md").write_text(table, encoding="utf-8")
     (args.out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")

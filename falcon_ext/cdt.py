@@ -122,6 +122,14 @@ class DraftContext:
         return cls(drafter.zero_state(1), w.new_empty(0, H), w.new_empty(0, H), 0, w.new_empty(0, 2 * H), None, k)
 
     def extend(self, drafter, tokens: torch.Tensor, features: torch.Tensor | None, next_token: int) -> None:
+        settle = self.take(drafter, tokens, features, next_token)
+        if settle > 0:
+            k, v, state = drafter.encode(self.pending[None, :settle], self.state)
+            self.settle(k[0], v[0], state)
+
+    def take(self, drafter, tokens: torch.Tensor, features: torch.Tensor | None, next_token: int) -> int:
+        """extend() up to the encoding: appends the accepted positions as pending and returns how
+        many of the oldest pending positions are now to settle (``settle`` does it)."""
         H = drafter.config.hidden_size
         if features is None:
             raise ValueError("FalconDrafter needs the target's features in extend() (needs_features=True)")
@@ -135,11 +143,14 @@ class DraftContext:
         ahead = torch.cat([tokens[1:], tokens.new_tensor([next_token])])
         self.pending = torch.cat([self.pending, drafter.pair_inputs(features, ahead)])
         self.next_token = next_token
-        settle = self.pending.shape[0] - (0 if self.k == 1 else self.k)
-        if settle > 0:
-            k, v, self.state = drafter.encode(self.pending[None, :settle], self.state)
-            self._append(k, v)
-            self.pending = self.pending[settle:]
+        return max(0, self.pending.shape[0] - (0 if self.k == 1 else self.k))
+
+    def settle(self, keys: torch.Tensor, values: torch.Tensor, state) -> None:
+        """The oldest ``len(keys)`` pending positions become settled: their keys and values [n, H]
+        join the cache and ``state`` is the LSTM state after them."""
+        self._append(keys, values)
+        self.state = state
+        self.pending = self.pending[keys.shape[0]:]
 
     @staticmethod
     def padded(contexts: list["DraftContext"]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -389,15 +389,17 @@ class FalconDrafter(nn.Module):
         return LSTMState(z, z.clone())
 
     def encode(self, x: torch.Tensor, state: LSTMState):
-        """Settle context positions: LSTM from ``state`` over x [1, L, 2H] -> (K [L, H], V [L, H], new state)."""
+        """Settle context positions of G rows: LSTM from ``state`` [2, G, H] over x [G, L, 2H]
+        -> (K [G, L, H], V [G, L, H], new state)."""
         if self.use_fused:
             empty = x.new_empty(0, self.config.hidden_size)
-            _, h, c, k, v = ops.falcon_draft_step(x, state.h, state.c, empty, empty, empty[None], empty[None],
+            no_branch = x.new_empty(x.shape[0], 0, self.config.hidden_size)
+            _, h, c, k, v = ops.falcon_draft_step(x, state.h, state.c, empty, empty, no_branch, no_branch,
                                                   self.fused_weights(), self.config.num_heads,
                                                   self.config.rms_norm_eps, encode_only=True)
-            return k[0], v[0], LSTMState(h, c)
+            return k, v, LSTMState(h, c)
         out, (h, c) = self.lstm(x, (state.h, state.c))
-        _, k, v = self.qkv(self.attn_norm(out[0])).chunk(3, dim=-1)
+        _, k, v = self.qkv(self.attn_norm(out)).chunk(3, dim=-1)
         return k, v, LSTMState(h, c)
 
     def settled_output(self, state: LSTMState, ctx_k, ctx_v, ctx_mask=None) -> torch.Tensor:
@@ -476,12 +478,22 @@ class FalconDrafter(nn.Module):
     @torch.no_grad()
     def extend_rows(self, rows: list[int], tokens: list[torch.Tensor], features: list[torch.Tensor] | None,
                     next_tokens: list[int]) -> None:
-        # Settling runs row by row: each row's new positions go through the fused op's LSTM
-        # from that row's own state (rows accept paths of different lengths).
+        # Rows that settle as many positions are encoded in one call from their own states, so
+        # the LSTM weights are read once per group, not once per row (rows accept paths of
+        # different lengths, hence the groups).
         if features is None:
             raise ValueError("FalconDrafter needs the target's features in extend_rows() (needs_features=True)")
+        groups: dict[int, list[cdt.DraftContext]] = {}
         for row, row_tokens, row_features, next_token in zip(rows, tokens, features, next_tokens, strict=True):
-            self.row_contexts[row].extend(self, row_tokens, row_features, int(next_token))
+            ctx = self.row_contexts[row]
+            settle = ctx.take(self, row_tokens, row_features, int(next_token))
+            if settle > 0:
+                groups.setdefault(settle, []).append(ctx)
+        for settle, group in groups.items():
+            state = LSTMState(torch.cat([c.state.h for c in group], dim=1), torch.cat([c.state.c for c in group], dim=1))
+            keys, values, state = self.encode(torch.stack([c.pending[:settle] for c in group]), state)
+            for i, ctx in enumerate(group):
+                ctx.settle(keys[i], values[i], state.select(torch.tensor([i], device=keys.device)))
 
     @torch.no_grad()
     def propose_rows(self, rows: list[int]) -> list[DraftTree]:

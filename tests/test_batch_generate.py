@@ -254,6 +254,39 @@ def test_falcon_drafter_rows_equal_generate_alone_on_tiny_families(tiny, k):
 
 
 @pytest.mark.parametrize("k", [1, 2])
+def test_extend_rows_settles_each_row_as_extend_alone(k):
+    """Rows that settle as many positions are encoded in one call: every row's context (keys,
+    values, LSTM state, pending inputs) equals the batch-1 extend() on that row alone, for groups
+    of one and of several rows."""
+    target = tiny_model("llama", vocab=97, seed=3)
+    H = target.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    lengths = [[5, 5, 2, 5], [3, 1, 3, 3]]  # per step and row: two groups in each step
+    batched, single = random_falcon(target, k, seed=2), [random_falcon(target, k, seed=2) for _ in range(4)]
+    batched.reset_rows(4)
+    for drafter in single:
+        drafter.reset()
+    heads = [None] * 4
+    for step in lengths:
+        tokens = [torch.randint(0, 97, (n,), generator=g) for n in step]
+        for row, t in enumerate(tokens):
+            if heads[row] is not None:
+                t[0] = heads[row]  # an accepted path starts with the previous next token
+        features = [torch.randn(n, H, generator=g) for n in step]
+        heads = [int(torch.randint(0, 97, (1,), generator=g)) for _ in step]
+        batched.extend_rows(list(range(4)), tokens, features, heads)
+        for row in range(4):
+            single[row].extend(tokens[row], features[row], heads[row])
+        for row in range(4):
+            got, want = batched.row_contexts[row], single[row].context
+            assert got.length == want.length and got.next_token == want.next_token
+            for a, b in ((got.keys[:got.length], want.keys[:want.length]),
+                         (got.values[:got.length], want.values[:want.length]),
+                         (got.state.h, want.state.h), (got.state.c, want.state.c), (got.pending, want.pending)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2])
 def test_propose_rows_equals_propose_row_by_row(stories, k):
     """Batched drafting (padded contexts, one call per pass for all rows) drafts every row's tree
     as the batch-1 drafter does on that row alone, after extends of different lengths and for
