@@ -94,7 +94,7 @@ class DraftContext:
     inputs are kept and the first drafting pass runs them as one relaxed block. Older positions
     are *settled*: folded into the LSTM state and the attention KV cache, computed once from the
     target's true features. Speculative (drafted) positions never enter this state, so after
-    the target accepts a path, extend() settles only the newly accepted positions.
+    the target accepts a path, only the newly accepted positions are settled.
 
     For k = 1 nothing stays pending: a block of one position sees itself and what came before,
     exactly what settling computes, so the first pass only finishes the last settled position
@@ -121,15 +121,10 @@ class DraftContext:
         k = drafter.config.k
         return cls(drafter.zero_state(1), w.new_empty(0, H), w.new_empty(0, H), 0, w.new_empty(0, 2 * H), None, k)
 
-    def extend(self, drafter, tokens: torch.Tensor, features: torch.Tensor | None, next_token: int) -> None:
-        settle = self.take(drafter, tokens, features, next_token)
-        if settle > 0:
-            k, v, state = drafter.encode(self.pending[None, :settle], self.state)
-            self.settle(k[0], v[0], state)
-
     def take(self, drafter, tokens: torch.Tensor, features: torch.Tensor | None, next_token: int) -> int:
-        """extend() up to the encoding: appends the accepted positions as pending and returns how
-        many of the oldest pending positions are now to settle (``settle`` does it)."""
+        """The first half of ``FalconDrafter.extend_contexts``: appends the accepted positions as
+        pending and returns how many of the oldest pending positions are now to settle (the
+        drafter encodes them, then ``settle`` records them)."""
         H = drafter.config.hidden_size
         if features is None:
             raise ValueError("FalconDrafter needs the target's features in extend() (needs_features=True)")

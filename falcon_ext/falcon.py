@@ -199,6 +199,19 @@ class LSTMState:
     def select(self, index: torch.Tensor) -> "LSTMState":
         return LSTMState(self.h.index_select(1, index), self.c.index_select(1, index))
 
+    @staticmethod
+    def cat(states: list["LSTMState"]) -> "LSTMState":
+        """Several states' rows side by side; a single state is returned as it is."""
+        if len(states) == 1:
+            return states[0]
+        return LSTMState(torch.cat([s.h for s in states], dim=1), torch.cat([s.c for s in states], dim=1))
+
+    def split(self) -> list["LSTMState"]:
+        """One state per row, the inverse of ``cat``; a one-row state is returned as it is."""
+        if self.h.shape[1] == 1:
+            return [self]
+        return [self.select(torch.tensor([i], device=self.h.device)) for i in range(self.h.shape[1])]
+
 
 class Passes:
     """The drafter's pass loop over a context, one ``step`` per pass: the one loop that decoding
@@ -232,13 +245,11 @@ class Passes:
             self.x = first.pending[None] if len(contexts) == 1 else torch.stack([c.pending for c in contexts])
         self.br_k = self.br_v = first.keys.new_empty(len(contexts), 0, drafter.config.hidden_size)
         self.out = self.block_k = self.block_v = None
+        self.state = LSTMState.cat([c.state for c in contexts])
         if len(contexts) == 1:  # one context shared by every branch: what the fused op takes
-            self.state = first.state
             self.ctx_k, self.ctx_v, self.ctx_mask = first.keys[:first.length], first.values[:first.length], None
             self.branch_row = None
         else:  # several rows (a batch): padded contexts, each branch reading its own row's
-            self.state = LSTMState(torch.cat([c.state.h for c in contexts], dim=1),
-                                   torch.cat([c.state.c for c in contexts], dim=1))
             self.ctx_k, self.ctx_v, self.ctx_mask = cdt.DraftContext.padded(contexts)
             self.branch_row = torch.arange(len(contexts), device=first.keys.device)
 
@@ -465,7 +476,7 @@ class FalconDrafter(nn.Module):
 
     @torch.no_grad()
     def extend(self, tokens: torch.Tensor, features: torch.Tensor | None, next_token: int) -> None:
-        self.context.extend(self, tokens, features, int(next_token))
+        self.extend_contexts([self.context], [tokens], [features], [next_token])
 
     @torch.no_grad()
     def propose(self) -> DraftTree:
@@ -478,22 +489,27 @@ class FalconDrafter(nn.Module):
     @torch.no_grad()
     def extend_rows(self, rows: list[int], tokens: list[torch.Tensor], features: list[torch.Tensor] | None,
                     next_tokens: list[int]) -> None:
-        # Rows that settle as many positions are encoded in one call from their own states, so
-        # the LSTM weights are read once per group, not once per row (rows accept paths of
-        # different lengths, hence the groups).
         if features is None:
             raise ValueError("FalconDrafter needs the target's features in extend_rows() (needs_features=True)")
+        self.extend_contexts([self.row_contexts[row] for row in rows], tokens, features, next_tokens)
+
+    @torch.no_grad()
+    def extend_contexts(self, contexts: list[cdt.DraftContext], tokens: list[torch.Tensor],
+                        features: list[torch.Tensor | None], next_tokens: list[int]) -> None:
+        """``extend`` for each context (a row of a batch, or the one context of ``extend``).
+        Contexts that settle as many positions are encoded in one call from their own states, so
+        the LSTM weights are read once per group, not once per row (rows accept paths of
+        different lengths, hence the groups)."""
         groups: dict[int, list[cdt.DraftContext]] = {}
-        for row, row_tokens, row_features, next_token in zip(rows, tokens, features, next_tokens, strict=True):
-            ctx = self.row_contexts[row]
+        for ctx, row_tokens, row_features, next_token in zip(contexts, tokens, features, next_tokens, strict=True):
             settle = ctx.take(self, row_tokens, row_features, int(next_token))
             if settle > 0:
                 groups.setdefault(settle, []).append(ctx)
         for settle, group in groups.items():
-            state = LSTMState(torch.cat([c.state.h for c in group], dim=1), torch.cat([c.state.c for c in group], dim=1))
+            state = LSTMState.cat([c.state for c in group])
             keys, values, state = self.encode(torch.stack([c.pending[:settle] for c in group]), state)
-            for i, ctx in enumerate(group):
-                ctx.settle(keys[i], values[i], state.select(torch.tensor([i], device=keys.device)))
+            for ctx, row_keys, row_values, row_state in zip(group, keys, values, state.split()):
+                ctx.settle(row_keys, row_values, row_state)
 
     @torch.no_grad()
     def propose_rows(self, rows: list[int]) -> list[DraftTree]:

@@ -357,7 +357,7 @@ def chain_acceptance(drafter, seqs: Sequences, passes: int, points_per_seq: int 
 def _chain_at(drafter, feats, toks, n: int, passes: int, k: int) -> int:
     """Context f_0..f_n, t_1..t_{n+1}; draft ``passes`` top-1 blocks; count leading matches with t_{n+2}..."""
     ctx = DraftContext.empty(drafter)
-    ctx.extend(drafter, toks[: n + 1], feats[: n + 1], int(toks[n + 1]))
+    drafter.extend_contexts([ctx], [toks[: n + 1]], [feats[: n + 1]], [int(toks[n + 1])])
     loop = Passes(drafter, ctx)
     head = drafter.draft_head()
     drafted = []
