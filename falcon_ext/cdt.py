@@ -90,15 +90,18 @@ class TreePlan:
 class DraftContext:
     """The drafter's view of the accepted context, kept across steps.
 
-    Context position i is the pair (f_i, t_{i+1}). The last k positions stay *pending*: their
-    inputs are kept and the first drafting pass runs them as one relaxed block. Older positions
-    are *settled*: folded into the LSTM state and the attention KV cache, computed once from the
-    target's true features. Speculative (drafted) positions never enter this state, so after
-    the target accepts a path, only the newly accepted positions are settled.
+    Context position i is the pair (f_i, t_{i+1}). ``take`` (the drafter's ``extend``) appends
+    accepted positions as *pending*: their inputs are kept, nothing is computed. The next draft
+    (``FalconDrafter.settle``, first thing in ``Passes``) *settles* all but the last k: folds them
+    into the LSTM state and the attention KV cache, computed once from the target's true
+    features; the first drafting pass runs the last k as one relaxed block. So a drafter whose
+    tree drafts nothing costs nothing. Speculative (drafted) positions never enter this state, so
+    after the target accepts a path, only the newly accepted positions are settled.
 
     For k = 1 nothing stays pending: a block of one position sees itself and what came before,
     exactly what settling computes, so the first pass only finishes the last settled position
-    (``FalconDrafter.settled_output``) instead of running the LSTM over it a second time.
+    (``output`` when settling produced it, else ``FalconDrafter.settled_output``) instead of
+    running the LSTM over it a second time.
     """
 
     state: "LSTMState"  # noqa: F821  (falcon.LSTMState: after the last settled position)
@@ -108,11 +111,17 @@ class DraftContext:
     pending: torch.Tensor  # [P <= k, 2H] inputs of the pending positions (none when k = 1)
     next_token: int | None
     k: int
+    output: torch.Tensor | None = None  # k = 1: pass 0's output [1, 1, H], when settling computed it
 
     @property
     def ready(self) -> bool:
-        """Whether the first pass has its input: k pending positions, or for k = 1 one settled."""
-        return self.length > 0 if self.k == 1 else self.pending.shape[0] == self.k
+        """Whether the first pass has its input: k positions taken (k = 1: one)."""
+        return self.length + self.pending.shape[0] >= self.k
+
+    @property
+    def unsettled(self) -> int:
+        """How many of the oldest pending positions the next draft settles."""
+        return max(0, self.pending.shape[0] - (0 if self.k == 1 else self.k))
 
     @classmethod
     def empty(cls, drafter) -> "DraftContext":
@@ -121,10 +130,9 @@ class DraftContext:
         k = drafter.config.k
         return cls(drafter.zero_state(1), w.new_empty(0, H), w.new_empty(0, H), 0, w.new_empty(0, 2 * H), None, k)
 
-    def take(self, drafter, tokens: torch.Tensor, features: torch.Tensor | None, next_token: int) -> int:
-        """The first half of ``FalconDrafter.extend_contexts``: appends the accepted positions as
-        pending and returns how many of the oldest pending positions are now to settle (the
-        drafter encodes them, then ``settle`` records them)."""
+    def take(self, drafter, tokens: torch.Tensor, features: torch.Tensor | None, next_token: int) -> None:
+        """``FalconDrafter.extend_contexts``: appends the accepted positions as pending (the next
+        draft settles them, and ``settle`` records them)."""
         H = drafter.config.hidden_size
         if features is None:
             raise ValueError("FalconDrafter needs the target's features in extend() (needs_features=True)")
@@ -138,14 +146,16 @@ class DraftContext:
         ahead = torch.cat([tokens[1:], tokens.new_tensor([next_token])])
         self.pending = torch.cat([self.pending, drafter.pair_inputs(features, ahead)])
         self.next_token = next_token
-        return max(0, self.pending.shape[0] - (0 if self.k == 1 else self.k))
+        self.output = None
 
-    def settle(self, keys: torch.Tensor, values: torch.Tensor, state) -> None:
+    def settle(self, keys: torch.Tensor, values: torch.Tensor, state, output: torch.Tensor | None = None) -> None:
         """The oldest ``len(keys)`` pending positions become settled: their keys and values [n, H]
-        join the cache and ``state`` is the LSTM state after them."""
+        join the cache and ``state`` is the LSTM state after them; ``output``: the last one's
+        drafter output, if it was computed."""
         self._append(keys, values)
         self.state = state
         self.pending = self.pending[keys.shape[0]:]
+        self.output = output
 
     @staticmethod
     def padded(contexts: list["DraftContext"]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

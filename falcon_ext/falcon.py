@@ -250,8 +250,10 @@ class Passes:
             if not c.ready:
                 raise ValueError(f"drafting needs {drafter.config.k} context positions, the context has "
                                  f"{c.length + c.pending.shape[0]}")
+        drafter.settle(contexts)
         self.drafter = drafter
         first = contexts[0]
+        self.settled_out = first.output if len(contexts) == 1 else None
         # x None: pass 0 of a k = 1 drafter, whose query position is already settled.
         if not first.pending.shape[0]:
             self.x = None
@@ -270,7 +272,8 @@ class Passes:
     def step(self) -> torch.Tensor:
         """Runs the next pass: its predicted features [B, k, H], one block per branch."""
         if self.x is None:  # its key and value are the context's last row, not a branch's block
-            self.out = self.drafter.settled_output(self.state, self.ctx_k, self.ctx_v, self.ctx_mask)
+            self.out = self.settled_out if self.settled_out is not None else self.drafter.settled_output(
+                self.state, self.ctx_k, self.ctx_v, self.ctx_mask)
             self.block_k, self.block_v = self.br_k, self.br_v
         elif self.branch_row is None:
             self.out, self.state, self.block_k, self.block_v = self.drafter.draft_step(
@@ -535,15 +538,38 @@ class FalconDrafter(nn.Module):
     @torch.no_grad()
     def extend_contexts(self, contexts: list[cdt.DraftContext], tokens: list[torch.Tensor],
                         features: list[torch.Tensor | None], next_tokens: list[int]) -> None:
-        """``extend`` for each context (a row of a batch, or the one context of ``extend``).
-        Contexts that settle as many positions are encoded in one call from their own states, so
-        the LSTM weights are read once per group, not once per row (rows accept paths of
-        different lengths, hence the groups)."""
-        groups: dict[int, list[cdt.DraftContext]] = {}
+        """``extend`` for each context (a row of a batch, or the one context of ``extend``): the
+        accepted positions are taken as pending; the next draft settles them (``settle``)."""
         for ctx, row_tokens, row_features, next_token in zip(contexts, tokens, features, next_tokens, strict=True):
-            settle = ctx.take(self, row_tokens, row_features, int(next_token))
-            if settle > 0:
-                groups.setdefault(settle, []).append(ctx)
+            ctx.take(self, row_tokens, row_features, int(next_token))
+
+    # A k = 1 context settling at most this many positions settles them with the fused op's full
+    # forward, which also yields pass 0's output; a longer block (a prompt) is only encoded, since
+    # the attention and MLP of all its rows would cost more than ``settled_output``'s one row.
+    SETTLE_WITH_OUTPUT = 16
+
+    @torch.no_grad()
+    def settle(self, contexts: list[cdt.DraftContext]) -> None:
+        """Settles the positions each context took since its last draft (``DraftContext``).
+
+        One k = 1 context through the fused op: one full forward over the new positions. Its last
+        query sees them all and the context before them, all that the causal mask shows it, so
+        the call that settles them also computes pass 0's output (``DraftContext.output``).
+        Otherwise contexts that settle as many positions are encoded in one call from their own
+        states, so the LSTM weights are read once per group, not once per row (rows accept
+        paths of different lengths, hence the groups)."""
+        todo = [ctx for ctx in contexts if ctx.unsettled]
+        if (len(contexts) == 1 and todo and self.config.k == 1 and self.use_fused
+                and todo[0].unsettled <= self.SETTLE_WITH_OUTPUT):
+            ctx = todo[0]
+            no_branch = ctx.pending.new_empty(1, 0, self.config.hidden_size)
+            out, state, keys, values = self.draft_step(ctx.pending[None], ctx.state, ctx.keys[:ctx.length],
+                                                       ctx.values[:ctx.length], no_branch, no_branch)
+            ctx.settle(keys[0], values[0], state, out[:, -1:])
+            return
+        groups: dict[int, list[cdt.DraftContext]] = {}
+        for ctx in todo:
+            groups.setdefault(ctx.unsettled, []).append(ctx)
         for settle, group in groups.items():
             state = LSTMState.cat([c.state for c in group])
             keys, values, state = self.encode(torch.stack([c.pending[:settle] for c in group]), state)

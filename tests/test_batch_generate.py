@@ -255,9 +255,10 @@ def test_falcon_drafter_rows_equal_generate_alone_on_tiny_families(tiny, k):
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_extend_rows_settles_each_row_as_extend_alone(k):
-    """Rows that settle as many positions are encoded in one call: every row's context (keys,
-    values, LSTM state, pending inputs) equals the batch-1 extend() on that row alone, for groups
-    of one and of several rows."""
+    """Rows that settle as many positions are encoded in one call: once settled, every row's
+    context (keys, values, LSTM state, pending inputs) equals the batch-1 extend() on that row
+    alone (settled by its own path: for k = 1 the fused op's full forward), for groups of one and
+    of several rows."""
     target = tiny_model("llama", vocab=97, seed=3)
     H = target.config.hidden_size
     g = torch.Generator().manual_seed(0)
@@ -277,8 +278,12 @@ def test_extend_rows_settles_each_row_as_extend_alone(k):
         batched.extend_rows(list(range(4)), tokens, features, heads)
         for row in range(4):
             single[row].extend(tokens[row], features[row], heads[row])
+        assert any(c.unsettled for c in batched.row_contexts)  # extend only takes; settling is deferred
+        batched.settle(batched.row_contexts)
         for row in range(4):
+            single[row].settle([single[row].context])
             got, want = batched.row_contexts[row], single[row].context
+            assert got.unsettled == want.unsettled == 0
             assert got.length == want.length and got.next_token == want.next_token
             for a, b in ((got.keys[:got.length], want.keys[:want.length]),
                          (got.values[:got.length], want.values[:want.length]),

@@ -121,20 +121,31 @@ def test_bad_inputs_raise():
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_incremental_state_matches_from_scratch(k):
-    """After several extends, the first pass (and a second drafted pass) equal a full forward."""
+@pytest.mark.parametrize("settle_each_step", [False, True])
+@pytest.mark.parametrize("with_output", [True, False])
+def test_incremental_state_matches_from_scratch(k, settle_each_step, with_output):
+    """After several extends, the first pass (and a second drafted pass) equal a full forward:
+    whether each extend is settled before the next (as decoding settles every step's accepted
+    path) or all at once, and for k = 1 whether settling computes pass 0's output (the fused op's
+    full forward) or ``settled_output`` does."""
     d = make_drafter(7, k=k, heads=7)
+    d.SETTLE_WITH_OUTPUT = 16 if with_output else 0
     T = 13
     tokens = torch.randint(0, 111, (T + 1,))  # tokens[T] is the next token
     feats = torch.randn(T + 1, 7)
     cuts = [0, 4, 5, 9, T]
     for a, b in zip(cuts, cuts[1:]):
         d.extend(tokens[a:b], feats[a:b], int(tokens[b]))
+        if settle_each_step:
+            d.settle([d.context])
     ctx = d.context
-    # k = 1 keeps nothing pending: pass 0 finishes the last settled position.
-    assert (ctx.length, ctx.pending.shape[0]) == ((T, 0) if k == 1 else (T - k, k))
+    if not settle_each_step:
+        assert (ctx.length, ctx.pending.shape[0]) == (0, T)  # extend only takes; drafting settles
     full = d(feats[None, :T], tokens[None, 1:T + 1], block_offset=T % k)[0]
     loop = Passes(d, ctx)
+    # k = 1 keeps nothing pending: pass 0 finishes the last settled position.
+    assert (ctx.length, ctx.pending.shape[0]) == ((T, 0) if k == 1 else (T - k, k))
+    assert (ctx.output is not None) == (k == 1 and with_output)
     out1 = loop.step()
     torch.testing.assert_close(out1[0], full[T - k:], rtol=1e-5, atol=1e-5)
     # Pass 2: drafted pairs (f^_{T+j}, x_{T+j+1}) continue the sequence as one more block.
