@@ -602,6 +602,8 @@ class FalconDrafter(nn.Module):
         """The plan's passes over R contexts at once: node tokens [R, nodes], roots [R, 1] first.
         Pass p runs R x (its branches per row) branches, row by row."""
         plan, rows = self.plan, len(contexts)
+        if not plan.num_passes:  # a root-only tree: nothing to draft, nothing to settle yet
+            return roots
         idx = plan.tensors(roots.device)
         passes = Passes(self, contexts if rows > 1 else contexts[0])
         head = self.draft_head()

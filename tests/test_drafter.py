@@ -248,6 +248,24 @@ def test_short_context_gives_root_only():
         d.propose()
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_root_only_tree_costs_nothing(k):
+    """With a root-only tree the drafter proposes the next token alone and computes nothing: the
+    accepted positions wait, unsettled, until a tree needs them, and then draft as if settled
+    step by step."""
+    d, fresh = make_drafter(7, k=k, heads=7), make_drafter(7, k=k, heads=7)
+    tokens, feats = torch.randint(0, 111, (9,)), torch.randn(9, 7)
+    d.set_tree([])
+    d.extend(tokens[:5], feats[:5], int(tokens[5]))
+    assert d.propose().tokens.tolist() == [int(tokens[5])]
+    d.extend(tokens[5:8], feats[5:8], int(tokens[8]))
+    assert d.propose().tokens.tolist() == [int(tokens[8])]
+    assert (d.context.length, d.context.pending.shape[0]) == (0, 8)
+    fresh.extend(tokens[:8], feats[:8], int(tokens[8]))
+    d.set_tree(fresh.plan.paths)
+    assert torch.equal(d.propose().tokens, fresh.propose().tokens)
+
+
 def test_tree_plan_passes():
     plan = TreePlan([[0], [1], [0, 0], [1, 0], [1, 1], [0, 0, 0], [1, 1, 0], [1, 1, 1]], 2)
     assert plan.num_passes == 2 and plan.depth == 3
