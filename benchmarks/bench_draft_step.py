@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from falcon_ext.falcon import FalconDrafter, FalconDrafterConfig
+from falcon_ext.drafters.falcon import FalconDrafter, FalconDrafterConfig
 
 ROUNDS = 7
 CONTEXT = 256  # settled context positions in the drafter's KV cache

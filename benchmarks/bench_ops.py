@@ -20,7 +20,7 @@ import torch
 from bench_draft_step import DEVICES, copy_bandwidth, median_seconds, sync
 
 from falcon_ext import ops
-from falcon_ext.testing import greedy_inputs
+from falcon_ext.engine.references import greedy_inputs
 
 ROUNDS = 15  # calls per median: most cases take microseconds, so more rounds cost little
 REPEATS = 3  # interleaved medians per implementation

@@ -4,10 +4,10 @@ For each target (the embedded stories260K, and a random-initialised Llama of Smo
 shape: 30 layers, width 576, 9 heads / 3 KV heads, MLP 1536, vocab 49152) and each tree size,
 one step over a PREFIX-token KV cache is timed stage by stage, ROUNDS times, all in one run:
 
-  tree build    falcon_ext.generate.build_tree   (op tree_build: mask, position ids, paths)
-  forward       falcon_ext.generate.verify       (the target's forward over the tree)
-  tree verify   falcon_ext.generate.accept       (op tree_verify_greedy, or warp + tree_verify_sample)
-  KV compaction falcon_ext.generate.commit       (op kv_compact_ + cache truncation)
+  tree build    falcon_ext.engine.generate.build_tree   (op tree_build: mask, position ids, paths)
+  forward       falcon_ext.engine.generate.verify       (the target's forward over the tree)
+  tree verify   falcon_ext.engine.generate.accept       (op tree_verify_greedy, or warp + tree_verify_sample)
+  KV compaction falcon_ext.engine.generate.commit       (op kv_compact_ + cache truncation)
 
 "engine %" is (build + verify + compaction) / (those + forward) with the engine's stage
 functions (the ops plus their Python around them); "ops %" times the three op calls alone on
@@ -27,10 +27,11 @@ import time
 import torch
 import transformers
 
-from falcon_ext import ops, target_io
-from falcon_ext.drafting import DraftTree
-from falcon_ext.generate import DecodeState, accept, build_tree, commit, verify
-from falcon_ext.sampling import SamplingConfig, warp_probs
+from falcon_ext import ops
+from falcon_ext.engine import target_io
+from falcon_ext.engine.drafting import DraftTree
+from falcon_ext.engine.generate import DecodeState, accept, build_tree, commit, verify
+from falcon_ext.engine.sampling import SamplingConfig, warp_probs
 from falcon_ext.targets import load_target
 
 RANK_ACCEPTANCE = (0.6, 0.15, 0.08, 0.05)  # assumed P(draft of rank j is right | parent right)

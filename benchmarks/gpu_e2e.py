@@ -24,7 +24,7 @@ import torch
 import transformers
 
 from falcon_ext import FalconDrafter, FalconDrafterConfig, PromptLookupDrafter, speculative_generate
-from falcon_ext.checkpoint import drafter_dir, read_config
+from falcon_ext.drafters.checkpoint import drafter_dir, read_config
 from falcon_ext.targets import load_target
 
 

@@ -13,7 +13,7 @@ Two views, each against the position P (tokens already in the KV cache):
    off and on: transformers' ``DynamicCache`` (a ``torch.cat`` of the whole cache per update)
    or the engine's ``ReservedCache`` (written in place), and transformers' grouped-query path
    (a copy of the cached K/V per query-head group under a custom mask) or ``enable_gqa``
-   (falcon_ext.target_io.grouped_kv_attention).
+   (falcon_ext.engine.target_io.grouped_kv_attention).
 
 Attention reads the whole cache, so its share grows with P while the matmuls' stays put; the
 Falcon drafter's own attention reads its context too. The output starts with the machine's load
@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from falcon_ext import ops, speculative_generate, target_io
-from falcon_ext.bench import resolve_drafter
-from falcon_ext.cdt_tune import VerifyTimer, median_seconds
+from falcon_ext import ops, speculative_generate
 from falcon_ext.cli import add_dtype_argument
-from falcon_ext.kv_cache import ReservedCache
-from falcon_ext.target_io import grouped_kv_attention
+from falcon_ext.engine import target_io
+from falcon_ext.engine.kv_cache import ReservedCache
+from falcon_ext.engine.target_io import grouped_kv_attention
+from falcon_ext.evaluation.bench import resolve_drafter
+from falcon_ext.evaluation.tree_tuning import VerifyTimer, median_seconds
 from falcon_ext.targets import load_target, resolve_dtype
 from transformers import DynamicCache
 from verify_cost import print_provenance

@@ -20,8 +20,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from falcon_ext.bench_report import environment
-from falcon_ext.cdt_tune import VerifyTimer, median_seconds
+from falcon_ext.evaluation.bench_report import environment
+from falcon_ext.evaluation.tree_tuning import VerifyTimer, median_seconds
 from falcon_ext.targets import DTYPES, choose_dtype, dtype_name, load_target
 
 

@@ -1,11 +1,14 @@
 """falcon_ext: lossless Falcon speculative decoding for Hugging Face causal LMs."""
-from . import ops
+from . import _moved
+from .engine import ops  # before _C: it loads torch, whose libraries _C links against
 from ._C import compiled_with_cuda
-from .drafting import BatchDrafter, Drafter, DraftTree
-from .falcon import FalconDrafter, FalconDrafterConfig
-from .generate import SpeculativeOutput, speculative_generate
-from .prompt_lookup import PromptLookupDrafter
-from .sampling import SamplingConfig
+from .drafters.falcon import FalconDrafter, FalconDrafterConfig
+from .drafters.prompt_lookup import PromptLookupDrafter
+from .engine.drafting import BatchDrafter, Drafter, DraftTree
+from .engine.generate import SpeculativeOutput, speculative_generate
+from .engine.sampling import SamplingConfig
+
+_moved.install()
 
 __all__ = [
     "BatchDrafter",

@@ -4,7 +4,7 @@ Subcommands: demo, bench, eval-drafter, tune-tree (evaluation); prepare-data, tr
 fetch-smollm2 (training). Each command below is a thin function of the parsed arguments over
 the library's plain functions; the parser is built at the bottom. ``python -m falcon_ext.cli
 COMMAND ...`` runs it as ``falcon-ext COMMAND ...`` does, also under torchrun (prepare-data and
-train take one share of the work per rank, see falcon_ext.distributed).
+train take one share of the work per rank, see falcon_ext.training.distributed).
 """
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ import time
 
 import torch
 
-from . import bench, cdt, cdt_tune, data, distributed, divergence, evaluate, prompts, smollm2, targets, train
-from .checkpoint import drafter_dir
-from .generate import speculative_generate
+from . import downloads, prompts, targets
+from .drafters import tree
+from .drafters.checkpoint import drafter_dir
+from .engine.generate import speculative_generate
+from .evaluation import acceptance, bench, divergence, tree_tuning
+from .training import data, distributed, train
 
 
 # ---------------------------------------------------------------- commands
@@ -68,7 +71,7 @@ def _timed(fn):
 
 def report_identity(model, ids, reference, out) -> int:
     """Prints whether the greedy output equals model.generate's, and if not, whether the first
-    difference is a rounding near-tie (falcon_ext.divergence); 1 when it is not."""
+    difference is a rounding near-tie (falcon_ext.evaluation.divergence); 1 when it is not."""
     prompt_len = ids.shape[1]
     d = divergence.classify(model, ids, reference[0, prompt_len:].tolist(), out.sequences[0, prompt_len:].tolist(),
                             out.accept_lengths)
@@ -84,13 +87,13 @@ def report_identity(model, ids, reference, out) -> int:
 def eval_drafter(args) -> int:
     _set_threads(args.threads)
     model, tokenizer = targets.load_target(args.target, targets.resolve_dtype(args.dtype, args.device), args.device)
-    drafter = evaluate.load_drafter(args.drafter, model).eval()
+    drafter = acceptance.load_drafter(args.drafter, model).eval()
     if args.passes:
-        drafter.set_tree(cdt.chain(args.passes * drafter.config.k))
+        drafter.set_tree(tree.chain(args.passes * drafter.config.k))
     if args.tree_size:
-        drafter.set_tree(cdt_tune.measured_tree(drafter_dir(args.drafter), args.tree_size))
-    result = evaluate.mean_accepted_tokens(model, drafter, prompts.encode_sources(tokenizer, args.prompts, args.limit),
-                                           args.max_new_tokens, args.temperature, args.seed)
+        drafter.set_tree(tree_tuning.measured_tree(drafter_dir(args.drafter), args.tree_size))
+    result = acceptance.mean_accepted_tokens(model, drafter, prompts.encode_sources(tokenizer, args.prompts, args.limit),
+                                             args.max_new_tokens, args.temperature, args.seed)
     print(json.dumps(result))
     return 0
 
@@ -98,7 +101,7 @@ def eval_drafter(args) -> int:
 def tune_tree(args) -> int:
     _set_threads(args.threads)
     target, tokenizer = targets.load_target(args.target, targets.resolve_dtype(args.dtype, args.device), args.device)
-    cdt_tune.tune(args.drafter, target, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens, passes=args.passes)
+    tree_tuning.tune(args.drafter, target, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens, passes=args.passes)
     return 0
 
 
@@ -129,7 +132,7 @@ def run_train(args) -> int:
 
 
 def fetch_smollm2(args) -> int:
-    print(smollm2.ensure_local(args.cache))
+    print(downloads.ensure_local(args.cache))
     return 0
 
 
@@ -247,7 +250,7 @@ def _add_eval_drafter(sub) -> None:
 
 def _add_tune_tree(sub) -> None:
     p = sub.add_parser("tune-tree", help="derive a drafter's decoding tree from measured acceptance and this "
-                                         "device's costs (falcon_ext.cdt_tune)")
+                                         "device's costs (falcon_ext.evaluation.tree_tuning)")
     p.add_argument("--drafter", required=True, help="FalconDrafter checkpoint folder (updated in place)")
     p.add_argument("--target", required=True, help="target name or folder (falcon_ext.targets.load_target)")
     p.add_argument("--prompts", nargs="+", required=True,

@@ -1,5 +1,5 @@
 """Loading target models: the embedded stories260K default, SmolLM2-135M-Instruct (fetched and
-converted once, see falcon_ext.smollm2), any local HF folder, or a .gguf file."""
+converted once, see falcon_ext.downloads), any local HF folder, or a .gguf file."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import smollm2
+from . import downloads
 
 EMBEDDED = {"stories260K": os.path.join(os.path.dirname(__file__), "models", "stories260K")}
 # stories260K ends a story with BOS (id 1), never EOS (2): llama2.c's run.c stops on BOS.
@@ -116,12 +116,12 @@ def eos_token_ids(model, tokenizer=None) -> list[int]:
 def resolve_target(name_or_path: str) -> str:
     if name_or_path in EMBEDDED:
         return EMBEDDED[name_or_path]
-    if name_or_path == smollm2.NAME:
-        return str(smollm2.ensure_local())
+    if name_or_path == downloads.NAME:
+        return str(downloads.ensure_local())
     if os.path.isdir(name_or_path) or (os.path.isfile(name_or_path) and name_or_path.endswith(".gguf")):
         return name_or_path
     raise FileNotFoundError(f"no target model {name_or_path!r}: give a local Hugging Face model folder, a .gguf "
-                            f"file, {smollm2.NAME!r} or one of the embedded models {sorted(EMBEDDED)}")
+                            f"file, {downloads.NAME!r} or one of the embedded models {sorted(EMBEDDED)}")
 
 
 def load_target(name_or_path: str = "stories260K", dtype: torch.dtype = torch.float32, device: str = "cpu"):

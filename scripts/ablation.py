@@ -1,9 +1,9 @@
 """Drafter ablation on one footing (docs/training.md §5): each drafter gets its own measured tree.
 
 For every ``LABEL=FOLDER`` drafter (e.g. k = 1 / 2 / 3, CSGD against plain, more epochs):
-1. its tree: ``cdt_tune.measure_ranks`` on --tune-prompts (the shipped drafter's tuning prompts,
+1. its tree: ``tree_tuning.measure_ranks`` on --tune-prompts (the shipped drafter's tuning prompts,
    chat template, never the evaluation sets), drafting --depth tokens (ceil(depth / k) passes),
-   and the --tree-size most often accepted nodes (``cdt_tune.best_trees``). No timing: the same
+   and the --tree-size most often accepted nodes (``tree_tuning.best_trees``). No timing: the same
    tree size for all, so the comparison is of acceptance, not of this machine's speed;
 2. held-out chain acceptance: the top-1 chain of ceil(depth / k) passes on --chain-sequences
    held-out greedy answers (``train.chain_acceptance``);
@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-from falcon_ext.cdt_tune import best_trees, measure_ranks, node_rates
-from falcon_ext.checkpoint import drafter_dir
-from falcon_ext.data import read_data
-from falcon_ext.evaluate import load_drafter, mean_accepted_tokens
+from falcon_ext.drafters.checkpoint import drafter_dir
+from falcon_ext.evaluation.acceptance import load_drafter, mean_accepted_tokens
+from falcon_ext.evaluation.tree_tuning import best_trees, measure_ranks, node_rates
 from falcon_ext.prompts import encode_sources
 from falcon_ext.targets import load_target, parse_dtype
-from falcon_ext.train import chain_acceptance
+from falcon_ext.training.data import read_data
+from falcon_ext.training.train import chain_acceptance
 
 MEASURES = ("chain", "mt-bench", "gsm8k")
 

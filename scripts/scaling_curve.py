@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-from falcon_ext.cdt_tune import measured_tree
-from falcon_ext.checkpoint import drafter_dir
-from falcon_ext.data import read_data
-from falcon_ext.evaluate import load_drafter, mean_accepted_tokens
+from falcon_ext.drafters.checkpoint import drafter_dir
+from falcon_ext.evaluation.acceptance import load_drafter, mean_accepted_tokens
+from falcon_ext.evaluation.tree_tuning import measured_tree
 from falcon_ext.prompts import encode_sources
 from falcon_ext.targets import load_target, parse_dtype
-from falcon_ext.train import chain_acceptance
+from falcon_ext.training.data import read_data
+from falcon_ext.training.train import chain_acceptance
 
 
 def checkpoints(run: Path) -> list[tuple[int, Path]]:

@@ -82,7 +82,7 @@ PY
   "$PY" -P - "$SHIP" <<'PY'
 import json, sys
 from pathlib import Path
-from falcon_ext.cdt_tune import measured_tree
+from falcon_ext.evaluation.tree_tuning import measured_tree
 folder = Path(sys.argv[1])
 config = json.loads((folder / "config.json").read_text())
 config["tree"] = measured_tree(folder, 24)

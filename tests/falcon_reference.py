@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from falcon_ext import ops
-from falcon_ext.falcon import FUSED_WEIGHTS
+from falcon_ext.drafters.falcon import FUSED_WEIGHTS
 
 
 def reference_block(w: dict[str, torch.Tensor], x, h0, c0, prior_k, prior_v, visible, heads: int, eps: float):

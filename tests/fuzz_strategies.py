@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from falcon_ext.testing import random_tree
+from falcon_ext.engine.references import random_tree
 
 FUZZ = settings(max_examples=int(os.environ.get("FALCON_FUZZ_EXAMPLES", "100")), deadline=None,
                 derandomize=os.environ.get("FALCON_FUZZ_RANDOM") != "1", database=None,
@@ -26,7 +26,7 @@ BIG = 2**63 - 1
 
 @st.composite
 def trees(draw, n=None):
-    """Parents [n] of a valid tree: drawn node by node, or one of testing.random_tree's shapes."""
+    """Parents [n] of a valid tree: drawn node by node, or one of references.random_tree's shapes."""
     n = draw(SIZES) if n is None else n
     shape = draw(st.sampled_from(["drawn", "random", "chain", "star", "wide"]))
     if shape == "drawn" and n <= 30:

@@ -6,7 +6,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from falcon_ext import FalconDrafter, FalconDrafterConfig, PromptLookupDrafter, speculative_generate
-from falcon_ext.evaluate import load_drafter
+from falcon_ext.evaluation.acceptance import load_drafter
 from helpers import chi_square_pvalue, exact_distribution, greedy_reference, tiny_model
 from scripted_drafters import PerRow, RandomTreeDrafter, ScriptedDrafter
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from helpers import greedy_reference
 
-from falcon_ext import bench, cli, prompts
-from falcon_ext import data as fdata
-from falcon_ext.generate import speculative_generate
+from falcon_ext import cli, prompts
+from falcon_ext.engine.generate import speculative_generate
+from falcon_ext.evaluation import bench
+from falcon_ext.training import data as fdata
 
 
 def test_bench_end_to_end_greedy(tmp_path):

@@ -1,13 +1,14 @@
 """falcon-ext bench --batch-size: every method decodes the prompts B at a time, each row still
 compared with transformers' generate, and --tree-size auto shrinks a Falcon drafter's tree as B
-grows (cdt_tune.tree_size_for_batch, checked on a measurement whose answer is known)."""
+grows (tree_tuning.tree_size_for_batch, checked on a measurement whose answer is known)."""
 import argparse
 import json
 
 import pytest
 
-from falcon_ext import bench, cli
-from falcon_ext.cdt_tune import tree_size_for_batch
+from falcon_ext import cli
+from falcon_ext.evaluation import bench
+from falcon_ext.evaluation.tree_tuning import tree_size_for_batch
 
 COMMON = ["--target", "stories260K", "--prompts", "mt-bench", "--max-new-tokens", "16", "--threads", "1",
           "--dtype", "float32", "--no-progress"]

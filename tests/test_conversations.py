@@ -8,11 +8,11 @@ import pytest
 import torch
 from helpers import greedy_reference
 
-from falcon_ext import conversations as conv
-from falcon_ext import data as fdata
-from falcon_ext import train as ftrain
 from falcon_ext.prompts import load_prompt_set
 from falcon_ext.targets import load_target
+from falcon_ext.training import conversations as conv
+from falcon_ext.training import data as fdata
+from falcon_ext.training import train as ftrain
 
 # ChatML, as SmolLM2 and Qwen use it; stories260K has no template of its own.
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -22,10 +22,11 @@ import torch.distributed as dist
 from helpers import greedy_reference
 from safetensors.torch import load_file
 
-from falcon_ext import data as fdata
-from falcon_ext import speculative_generate, train as ftrain
-from falcon_ext.distributed import World
-from falcon_ext.falcon import FalconDrafter
+from falcon_ext import speculative_generate
+from falcon_ext.drafters.falcon import FalconDrafter
+from falcon_ext.training import data as fdata
+from falcon_ext.training import train as ftrain
+from falcon_ext.training.distributed import World
 
 pytestmark = [
     pytest.mark.slow,

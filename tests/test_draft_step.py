@@ -59,7 +59,7 @@ def test_cuda_attention_shared_memory_limit_is_clear():
 def test_drafter_encodes_a_long_prompt(device):
     """The real caller: DraftContext settles a 500-token prompt with one fused encode_only call,
     which must equal the plain-PyTorch encode."""
-    from falcon_ext.falcon import FalconDrafter
+    from falcon_ext.drafters.falcon import FalconDrafter
     from falcon_ext.targets import load_target
 
     model, _ = load_target("stories260K", device=device)

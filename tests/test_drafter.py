@@ -8,9 +8,9 @@ from falcon_reference import reference_block
 from helpers import greedy_reference, tiny_model
 from torch import nn
 
-from falcon_ext.cdt import TreePlan, chain
-from falcon_ext.drafting import DraftTree
-from falcon_ext.falcon import FalconDrafter, FalconDrafterConfig, Passes
+from falcon_ext.drafters.falcon import FalconDrafter, FalconDrafterConfig, Passes
+from falcon_ext.drafters.tree import TreePlan, chain
+from falcon_ext.engine.drafting import DraftTree
 
 STORIES = Path(__file__).resolve().parents[1] / "falcon_ext" / "models" / "stories260K"
 
@@ -363,8 +363,9 @@ def test_speculative_generate_sampling_runs():
 
 @pytest.mark.parametrize("vocab", [None, [1, 2, 5, 7, 9, 10, 12]])
 def test_measured_ranks_predict_engine_acceptance(vocab):
-    """cdt_tune's teacher-forced ranks say, step by step, how many nodes greedy verification accepts."""
-    from falcon_ext import cdt_tune, speculative_generate
+    """tree_tuning's teacher-forced ranks say, step by step, how many nodes greedy verification accepts."""
+    from falcon_ext import speculative_generate
+    from falcon_ext.evaluation import tree_tuning
 
     target, drafter = engine_drafter(vocab=13, seed=3)
     drafter.set_draft_vocab(vocab)
@@ -381,7 +382,7 @@ def test_measured_ranks_predict_engine_acceptance(vocab):
     del drafter.propose
     seq = out.sequences[0]
     depth = 6
-    ranks = cdt_tune.measure_ranks(drafter, target, [ids[0]], max_new_tokens=40, passes=depth // 2, max_rank=8)
+    ranks = tree_tuning.measure_ranks(drafter, target, [ids[0]], max_new_tokens=40, passes=depth // 2, max_rank=8)
     nodes = {tuple(p) for p in BUSHY}
     checked = 0
     for root, accepted in zip(roots, out.accept_lengths):
@@ -397,16 +398,16 @@ def test_measured_ranks_predict_engine_acceptance(vocab):
 
 
 def test_tree_derivation_from_rates():
-    from falcon_ext import cdt_tune
+    from falcon_ext.evaluation import tree_tuning
 
     ranks = torch.tensor([[0, 0, 1, 8], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [8, 0, 0, 0]])
-    rates = cdt_tune.node_rates(ranks)
+    rates = tree_tuning.node_rates(ranks)
     assert rates[(0,)] == 3 / 5 and rates[(0, 0)] == 2 / 5 and (8,) not in rates and (0, 0, 1, 8) not in rates
-    trees = cdt_tune.best_trees(rates, sizes=(0, 1, 3, 6))
+    trees = tree_tuning.best_trees(rates, sizes=(0, 1, 3, 6))
     assert trees[1] == [[0]] and trees[3] == [[0], [0, 0], [1]]  # ties: the shallower node first
     for tree in trees.values():  # every prefix of every node is in the tree: a valid CDT
         TreePlan(tree, 2)
-    assert cdt_tune.expected_accepted(trees[3], rates) == pytest.approx(3 / 5 + 2 / 5 + 1 / 5)
+    assert tree_tuning.expected_accepted(trees[3], rates) == pytest.approx(3 / 5 + 2 / 5 + 1 / 5)
     costs = {n: {"draft_s": 0.001 * n, "verify_s": 0.01} for n in trees}
-    best, options = cdt_tune.choose(trees, rates, costs)
+    best, options = tree_tuning.choose(trees, rates, costs)
     assert best.tokens_per_second == max(o.tokens_per_second for o in options)

@@ -1,8 +1,8 @@
-"""Property-based fuzzing (hypothesis) of every op's Python entry in falcon_ext.ops.
+"""Property-based fuzzing (hypothesis) of every op's Python entry in falcon_ext.engine.ops.
 
 Valid inputs (random shapes including 1, 7, 99 and vocabulary 111, non-contiguous strides,
 every supported dtype, NaN / infinite / tied scores) must equal the plain-PyTorch references
-of falcon_ext.testing: index ops exactly, falcon_draft_step that of falcon_reference.py within
+of falcon_ext.engine.references: index ops exactly, falcon_draft_step that of falcon_reference.py within
 its check_outputs tolerances. Malformed inputs (broken trees, out-of-range ids, wrong shapes,
 dtypes, devices, types) must raise ValueError, RuntimeError or TypeError with a message naming
 the problem and leave every input unchanged; on CUDA, errors in the data (which the kernels
@@ -27,7 +27,7 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from falcon_ext import ops  # noqa: E402
-from falcon_ext.testing import (  # noqa: E402
+from falcon_ext.engine.references import (  # noqa: E402
     distinct_sibling_tokens,
     reference_kv_compact_,
     reference_tree_build,

@@ -3,7 +3,7 @@
 Valid batches have rows of random sizes padded to the largest, junk in the padding (NaN scores,
 tokens outside the vocabulary, which no op may read), random prefix masks, non-contiguous
 layouts and every supported dtype. They must equal the plain-PyTorch references of
-falcon_ext.testing exactly, and each row must equal the batch-1 op on that row alone. A batch
+falcon_ext.engine.references exactly, and each row must equal the batch-1 op on that row alone. A batch
 with one malformed row must raise naming that row; on CUDA the verify ops give that row alone
 the sentinel. FALCON_FUZZ_EXAMPLES and FALCON_FUZZ_RANDOM work as in test_fuzz.py (fuzz_strategies.FUZZ).
 """
@@ -20,7 +20,7 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from falcon_ext import ops  # noqa: E402
-from falcon_ext.testing import (  # noqa: E402
+from falcon_ext.engine.references import (  # noqa: E402
     distinct_sibling_tokens,
     pad_rows,
     reference_kv_compact_batched_,

@@ -27,12 +27,14 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import falcon_ext
-from falcon_ext import DraftTree, checkpoint, ops, speculative_generate, train_state
-from falcon_ext.generate import TREE_ROOM
-from falcon_ext import data as fdata
-from falcon_ext.evaluate import load_drafter
+from falcon_ext import DraftTree, ops, speculative_generate
+from falcon_ext.drafters import checkpoint
+from falcon_ext.engine.generate import TREE_ROOM
+from falcon_ext.evaluation.acceptance import load_drafter
 from falcon_ext.targets import load_target, resolve_target
-from falcon_ext.train import TrainConfig, build_drafter, train
+from falcon_ext.training import data as fdata
+from falcon_ext.training import run_state
+from falcon_ext.training.train import TrainConfig, build_drafter, train
 from helpers import greedy_reference
 from scripted_drafters import ScriptedDrafter
 
@@ -376,7 +378,7 @@ def training_checkpoint(stories, tmp_path_factory):
     opt = torch.optim.AdamW(drafter.parameters(), lr=1e-3)
     sum(p.sum() for p in drafter.parameters()).backward()
     opt.step()
-    train_state.save_checkpoint(out, drafter, opt, 5, torch.Generator().manual_seed(1), {}, keep=2)
+    run_state.save_checkpoint(out, drafter, opt, 5, torch.Generator().manual_seed(1), {}, keep=2)
     return out
 
 
@@ -423,7 +425,7 @@ def test_corrupt_training_checkpoint(stories, usable, training_checkpoint, tmp_p
     drafter = falcon_ext.FalconDrafter(falcon_ext.FalconDrafterConfig.for_target(stories[0]), stories[0])
     opt = torch.optim.AdamW(drafter.parameters(), lr=1e-3)
     with pytest.raises(ValueError, match=message):
-        train_state.load_checkpoint(out, drafter, opt, torch.Generator())
+        run_state.load_checkpoint(out, drafter, opt, torch.Generator())
     assert not no_unpickling and not marker.exists()
     usable()
 
@@ -525,7 +527,7 @@ def test_nan_in_unused_prompt_rows_is_harmless(stories, drafter, reference):
 
 STORY = ("Once upon a time there was a little cat named Tom. Tom liked to play in the sun. "
          "One day he saw a big red ball. He ran to it and played all day. He was very happy.")
-TRACED = {train_state.__file__, checkpoint.__file__}
+TRACED = {run_state.__file__, checkpoint.__file__}
 
 
 @pytest.fixture(scope="module")
@@ -545,7 +547,7 @@ def _train_config(data, out):
 
 @contextmanager
 def trace_lines(on_line):
-    """Calls on_line(n, frame) before the n-th line run in train_state.py or checkpoint.py."""
+    """Calls on_line(n, frame) before the n-th line run in run_state.py or checkpoint.py."""
     count = 0
 
     def local(frame, event, arg):
@@ -595,7 +597,7 @@ def assert_loads_complete_checkpoint(out: Path, cfg, model) -> int:
     assert json.loads((folder / "state.json").read_text())["step"] == info["step"]
     drafter = build_drafter(cfg, model)
     opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr)
-    step, _ = train_state.load_checkpoint(out, drafter, opt, torch.Generator())
+    step, _ = run_state.load_checkpoint(out, drafter, opt, torch.Generator())
     saved = load_file(str(folder / "model.safetensors"))
     assert step == info["step"] and all(torch.equal(t, saved[n]) for n, t in drafter.state_dict().items())
     return step

@@ -13,8 +13,8 @@ from helpers import TINY_FAMILIES, tiny_model
 from transformers import DynamicCache
 
 from falcon_ext import ops
-from falcon_ext.target_io import for_model, grouped_kv_attention
-from falcon_ext.kv_cache import ReservedCache
+from falcon_ext.engine.kv_cache import ReservedCache
+from falcon_ext.engine.target_io import for_model, grouped_kv_attention
 
 # Same values, same order; a view of a larger buffer may take another SDPA blocking than a
 # contiguous tensor, so fp32 rounding (not the values read) may differ in the last bits.

@@ -1,4 +1,4 @@
-"""Tree ops: CPU op == plain-PyTorch reference (falcon_ext.testing), CUDA op == CPU op, bad input raises.
+"""Tree ops: CPU op == plain-PyTorch reference (falcon_ext.engine.references), CUDA op == CPU op, bad input raises.
 
 Tests taking the `device` fixture (conftest.py) run on the CPU and, marked `cuda`, on the GPU;
 the large cases there are sized to take the kernels' other paths (strided loops over more than
@@ -27,7 +27,7 @@ from helpers import (
 )
 
 from falcon_ext import ops
-from falcon_ext.testing import (
+from falcon_ext.engine.references import (
     distinct_sibling_tokens,
     greedy_inputs,
     random_tree,

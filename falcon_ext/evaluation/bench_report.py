@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-# Engine stages (falcon_ext.generate) grouped the way the step-time question is asked: how much
+# Engine stages (falcon_ext.engine.generate) grouped the way the step-time question is asked: how much
 # of a step is the target's own forward, how much drafting, how much bookkeeping.
 STAGE_GROUPS = {
     "verify": "target forward",
@@ -193,7 +193,7 @@ def markdown(report: dict) -> str:
         lines += ["", "Greedy outputs that differ from model.generate: the first differing new token, the "
                       "target's logit(generate's token) - logit(this token) in generate's one-token forward and "
                       "in a multi-token forward, and the rounding tolerance of that difference "
-                      "(falcon_ext.divergence)", "",
+                      "(falcon_ext.evaluation.divergence)", "",
                   "| method | prompt | new token | tokens (generate / this) | gap one-token | gap multi-token "
                   "| tolerance | verdict |", "|---|---:|---:|---|---:|---:|---:|---|"]
         for r in diverged:

@@ -4,7 +4,7 @@ Sources of sequences:
 - teacher forcing: fixed text (plain .txt, JSONL ``text`` fields) is tokenised and run through the
   target; each document becomes one or more sequences of at most ``max_len`` tokens.
 - teacher forcing on conversations (``source``: "sharegpt" or a conversation file, see
-  falcon_ext.conversations): each whole conversation through the chat template, trained only on
+  falcon_ext.training.conversations): each whole conversation through the chat template, trained only on
   the assistant's tokens.
 - self-distillation: the target answers prompts itself (batched; the chat template is applied when
   the tokenizer has one), then the prompt + answer is run through the target. With a conversation
@@ -44,10 +44,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..prompts import encode, encode_sources, record_text, use_chat_template
+from ..targets import DTYPE_NAMES, eos_token_ids, parse_dtype
 from . import conversations as conv
 from .distributed import World
-from .prompts import encode, encode_sources, record_text, use_chat_template
-from .targets import DTYPE_NAMES, eos_token_ids, parse_dtype
 
 FORMAT_VERSION = 2
 

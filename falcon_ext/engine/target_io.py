@@ -1,5 +1,5 @@
 """Target I/O: how the engine talks to one Hugging Face causal LM, and one forward of it over
-its KV cache. The engine (falcon_ext.generate), tree tuning's verify timer, the divergence check
+its KV cache. The engine (falcon_ext.engine.generate), tree tuning's verify timer, the divergence check
 and the benchmarks all run the target through ``forward``."""
 from __future__ import annotations
 

@@ -437,7 +437,7 @@ def speculative_generate(
     and applied to its (bf16/fp16) features, so the rounding of the logits to the model's dtype
     cannot create or flip near-ties. Greedy output then follows that upcast target: identical to
     ``generate`` in float32; in bf16/fp16 it may differ where ``generate``'s own logits were
-    within rounding of a tie (see falcon_ext.divergence).
+    within rounding of a tie (see falcon_ext.evaluation.divergence).
     """
     if not isinstance(drafter, Drafter):
         raise TypeError(f"drafter must implement falcon_ext.Drafter (reset/extend/propose), got {type(drafter)}")

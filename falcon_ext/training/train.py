@@ -1,6 +1,6 @@
 """Training a Falcon drafter: Coupled Sequential Glancing Distillation (CSGD) or plain distillation.
 
-Data (falcon_ext.data): sequences t_0..t_{L-1} with the target's features f_0..f_{L-1}. Drafter
+Data (falcon_ext.training.data): sequences t_0..t_{L-1} with the target's features f_0..f_{L-1}. Drafter
 position i reads (f_i, t_{i+1}) and predicts f_{i+k}; its token is LM_head(f_{i+k}) -> t_{i+k+1}.
 Loss per position (paper §3.2): SmoothL1(f̂, f) + w_dist·[α·KL(p ‖ p̂) + (1-α)·CE(t, p̂)], with
 p = softmax(LM_head(f_{i+k})) recomputed from the stored feature through the frozen shared head.
@@ -20,7 +20,7 @@ optimizer.safetensors, state.json), each made in a temporary folder and renamed 
 order, noise and spans come from one torch.Generator whose state is saved, so a resumed run
 gives the same weights as an uninterrupted one.
 
-Under torchrun (falcon_ext.distributed) each rank trains on its share of every global batch,
+Under torchrun (falcon_ext.training.distributed) each rank trains on its share of every global batch,
 ``batch_size`` rows in all, and DDP averages the gradients. Every rank draws the random numbers
 of the whole global batch (window starts, offset, noise, spans) from the same generator and keeps
 its rows', and the loss of a rank is its rows' share of the global batch's mean: so N ranks run
@@ -41,14 +41,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cdt import DraftContext
+from ..drafters.falcon import DraftHead, FalconDrafter, FalconDrafterConfig, Passes
+from ..drafters.tree import DraftContext
+from ..evaluation.acceptance import mean_accepted_tokens
+from ..prompts import encode_sources
+from ..targets import load_target, parse_dtype
 from .data import Sequences, read_data
 from .distributed import World
-from .evaluate import mean_accepted_tokens
-from .falcon import DraftHead, FalconDrafter, FalconDrafterConfig, Passes
-from .prompts import encode_sources
-from .targets import load_target, parse_dtype
-from .train_state import load_checkpoint, save_checkpoint
+from .run_state import load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -416,7 +416,7 @@ def build_drafter(cfg: TrainConfig, model) -> FalconDrafter:
 
 def train(cfg: TrainConfig, model=None, tokenizer=None, world: World | None = None) -> FalconDrafter:
     """Trains (or resumes) a drafter; writes checkpoints, train_log.jsonl and final/ under cfg.out.
-    ``world``: this process's rank in a torchrun job (falcon_ext.distributed.session); default the
+    ``world``: this process's rank in a torchrun job (falcon_ext.training.distributed.session); default the
     single process on ``cfg.device``."""
     world = world or World(device=cfg.device)
     world.share(cfg.batch_size)  # refuses a global batch that does not split evenly over the ranks

@@ -32,14 +32,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import ops, target_io
-from .evaluate import load_drafter
-from .falcon import FalconDrafter, Passes, tree_key
-from .generate import TREE_ROOM
-from .kv_cache import ReservedCache
-from .prompts import encode_sources
-from .target_io import TargetIO
-from .targets import dtype_name, eos_token_ids
+from ..drafters.falcon import FalconDrafter, Passes, tree_key
+from ..engine import ops, target_io
+from ..engine.generate import TREE_ROOM
+from ..engine.kv_cache import ReservedCache
+from ..engine.target_io import TargetIO
+from ..prompts import encode_sources
+from ..targets import dtype_name, eos_token_ids
+from .acceptance import load_drafter
 
 SIZES = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loading the library registers torch.ops.falcon_ext)
+from .. import _C  # noqa: F401  (loading the library registers torch.ops.falcon_ext)
 
 _ops = torch.ops.falcon_ext
 
@@ -209,7 +209,7 @@ def falcon_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights: list[torch.T
     Shape:
         x: [B, k, 2H]; h0, c0: [2, B, H]; ctx_k, ctx_v: [S, H]; br_k, br_v: [B, D, H];
         weights (one dtype and device with x): the tensors named by
-        ``falcon_ext.falcon.FUSED_WEIGHTS``, in that order (shapes listed there).
+        ``falcon_ext.drafters.falcon.FUSED_WEIGHTS``, in that order (shapes listed there).
     Returns:
         out [B, k, H] predicted features, h [2, B, H], c [2, B, H] (state after the block),
         block_k, block_v [B, k, H] (the block's attention keys/values, to extend br_k/br_v).

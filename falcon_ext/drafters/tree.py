@@ -7,7 +7,7 @@ is drafted by pass (d-1)//k, position (d-1)%k: one drafter forward yields the k 
 of a whole block, so all nodes of a block that share the block's start node read the same k
 distributions. A node at depth p*k with children starts a *branch* of pass p: the k nodes of
 its block (with the features that predicted them) are the next forward's input, and the
-branches of a pass run as one batch. ``falcon_ext.cdt_tune`` (``falcon-ext tune-tree``) derives a tree from measured
+branches of a pass run as one batch. ``falcon_ext.evaluation.tree_tuning`` (``falcon-ext tune-tree``) derives a tree from measured
 acceptance; ``chain(n)`` is the top-1 path used when nothing was measured.
 """
 from __future__ import annotations

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import DynamicCache
 
-from . import target_io
+from ..engine import target_io
 
 # lam of rounding_tolerance: how many standard deviations of accumulated rounding count as a tie.
 CONFIDENCE = 4.0

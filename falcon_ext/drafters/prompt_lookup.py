@@ -12,11 +12,11 @@ from collections import defaultdict
 
 import torch
 
-from .drafting import DraftTree
+from ..engine.drafting import DraftTree
 
 
 class PromptLookupDrafter:
-    """A ``BatchDrafter``: one lookup context per row of a batch (``falcon_ext.drafting``)."""
+    """A ``BatchDrafter``: one lookup context per row of a batch (``falcon_ext.engine.drafting``)."""
 
     needs_features = False
 

@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cdt, checkpoint, ops
+from ..engine import ops
+from ..engine.drafting import DraftTree
+from ..targets import DTYPE_NAMES, DTYPES, dtype_name
+from . import checkpoint
+from . import tree as cdt  # the Custom-Designed Decoding Tree (CDT)
 from .checkpoint import check_vocab
-from .drafting import DraftTree
-from .targets import DTYPE_NAMES, DTYPES, dtype_name
 
 # Canonical names only: a checkpoint's dtype and tree keys are written one way.
 _DTYPES = {name: DTYPES[name] for name in DTYPE_NAMES}
@@ -45,7 +47,7 @@ class FalconDrafterConfig:
 
     hidden_size / vocab_size: the target's. k: tokens per drafter forward (paper: 2 is best).
     num_heads must divide hidden_size. intermediate_size: MLP width. trees: the Custom-Designed
-    Decoding Trees (rank paths, see falcon_ext.cdt) measured by falcon_ext.cdt_tune, keyed by
+    Decoding Trees (rank paths, see falcon_ext.drafters.tree) measured by falcon_ext.evaluation.tree_tuning, keyed by
     device type and target dtype ("cpu-bfloat16", "cuda-bfloat16", "cpu-float32"; a bare device
     type such as "cpu" is a tree from before per-dtype keys), chosen by ``pick_tree``; tree: the
     one used where none fits; neither = a top-1 chain of ``num_passes`` blocks (what an
@@ -229,7 +231,7 @@ class LSTMState:
 
 class Passes:
     """The drafter's pass loop over a context, one ``step`` per pass: the one loop that decoding
-    (``FalconDrafter.propose``), tree tuning (``cdt_tune``) and training's chain acceptance run.
+    (``FalconDrafter.propose``), tree tuning (``tree_tuning``) and training's chain acceptance run.
 
     Pass 0 drafts a block of k positions from the context's k pending positions (k = 1: from the
     last settled position, see ``cdt.DraftContext``). Every later pass
@@ -512,7 +514,7 @@ class FalconDrafter(nn.Module):
                  "mlp_norm": self.mlp_norm.weight, "w_up": self.up.weight, "w_down": self.down.weight}
         return [named[name] for name in FUSED_WEIGHTS]
 
-    # ---- Drafter protocol (falcon_ext.drafting), and BatchDrafter's per-row calls ----
+    # ---- Drafter protocol (falcon_ext.engine.drafting), and BatchDrafter's per-row calls ----
     def reset(self) -> None:
         self.context = cdt.DraftContext.empty(self)
 
@@ -625,7 +627,7 @@ class FalconDrafter(nn.Module):
         return (offsets + parent_branch).reshape(-1)
 
     def set_tree(self, paths: list[list[int]]) -> None:
-        """Draft with another Custom-Designed Decoding Tree (rank paths, see falcon_ext.cdt).
+        """Draft with another Custom-Designed Decoding Tree (rank paths, see falcon_ext.drafters.tree).
         Not saved: checkpoints keep ``config.trees`` / ``config.tree``."""
         plan = cdt.TreePlan(paths, self.config.k)
         self._check_plan(plan, self.config.draft_vocab_size or self.config.vocab_size)

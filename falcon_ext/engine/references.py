@@ -138,7 +138,7 @@ def reference_verify_greedy(logits: torch.Tensor, tokens: torch.Tensor, parents:
 
 
 def reference_verify_sample(probs: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor, uniforms: torch.Tensor):
-    """The rejection rule of falcon_ext.ops.tree_verify_sample as a plain loop in float64."""
+    """The rejection rule of falcon_ext.engine.ops.tree_verify_sample as a plain loop in float64."""
     n = parents.numel()
     p64 = probs.double().clamp(min=0)
     u = uniforms.double()

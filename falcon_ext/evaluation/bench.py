@@ -12,7 +12,7 @@ load from other processes falls on all of them alike):
 Per method: tokens/s, speedup over (a) and (b), mean accepted tokens per target forward after
 the prefill, and for greedy runs how many outputs equal (a)'s: identical, or differing at a
 rounding near-tie of the target's logits (explained, expected in bf16/fp16), or not
-(unexplained: a bug; the exit status is then 1), see falcon_ext.divergence. The engine's
+(unexplained: a bug; the exit status is then 1), see falcon_ext.evaluation.divergence. The engine's
 methods also get a per-stage step-time breakdown. Results go to OUT/bench.json, bench.md and bench.png.
 
 ``--batch-size B``: consecutive prompts run B at a time, left-padded into one batch, for
@@ -24,7 +24,7 @@ forwards are its own steps, so mean accepted tokens stays per row and step. Gree
 then compared with ``model.generate`` on each prompt alone, (a)'s batched rows included: in
 bf16/fp16 padding and batching change the rounding, and a divergence is classified where
 generate on the prompt alone can reproduce it. ``--tree-size
-auto`` shrinks a Falcon drafter's tree as B grows (falcon_ext.cdt_tune.tree_size_for_batch).
+auto`` shrinks a Falcon drafter's tree as B grows (falcon_ext.evaluation.tree_tuning.tree_size_for_batch).
 """
 from __future__ import annotations
 
@@ -36,16 +36,16 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .. import prompts as prompt_sets
+from ..drafters.checkpoint import drafter_dir
+from ..drafters.prompt_lookup import PromptLookupDrafter
+from ..engine.drafting import DraftTree
+from ..engine.generate import speculative_generate
+from ..targets import dtype_name, eos_token_ids, load_target, resolve_dtype
 from . import bench_report
-from . import prompts as prompt_sets
-from .cdt_tune import measured_tree, tree_size_for_batch
-from .checkpoint import drafter_dir
+from .acceptance import load_drafter
 from .divergence import classify
-from .drafting import DraftTree
-from .evaluate import load_drafter
-from .generate import speculative_generate
-from .prompt_lookup import PromptLookupDrafter
-from .targets import dtype_name, eos_token_ids, load_target, resolve_dtype
+from .tree_tuning import measured_tree, tree_size_for_batch
 
 METHODS = ("generate", "ar", "spec", "pld", "assisted")
 WARMUP_TOKENS = 8

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .targets import dtype_name
+from ..targets import dtype_name
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -26,7 +26,7 @@ _SAMPLES = 64
 # bf16 keeps 8 significant bits (relative error <= 2^-9), so 1e-2 accepts a bf16/fp16 copy of
 # the same weights while two independently initialised or trained matrices differ by O(1).
 _RTOL, _ATOL = 1e-2, 1e-5
-SHIPPED = Path(__file__).parent / "drafters"  # drafters shipped in the package, loadable by name
+SHIPPED = Path(__file__).parent  # drafters shipped in the package (folders beside this module), loadable by name
 
 
 def _sample(weight: torch.Tensor) -> list[float]:

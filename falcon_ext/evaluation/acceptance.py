@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .falcon import FalconDrafter
-from .generate import speculative_generate
+from ..drafters.falcon import FalconDrafter
+from ..engine.generate import speculative_generate
 
 
 def load_drafter(name_or_path: str, target):

