@@ -158,7 +158,7 @@ void kv_compact_batched_cpu(at::TensorList kv, const at::Tensor& paths, at::IntA
 // weights: kNumDraftWeights tensors in DraftWeight slot order (below); all one dtype/device.
 // -> (out [B, k, H], h [2, B, H], c [2, B, H], block_k [B, k, H], block_v [B, k, H]); see csrc/draft_step.cpp.
 // encode_only: settle context positions: only h, c, block_k, block_v; out is [B, k, 0].
-// The fused weights' slots, the order of falcon_ext.falcon.FUSED_WEIGHTS (PyTorch LSTM gate order
+// The fused weights' slots, the order of falcon_ext.drafters.falcon.FUSED_WEIGHTS (PyTorch LSTM gate order
 // i, f, g, o; b = b_ih + b_hh). Shapes: w_ih0 [4H, 2H], w_hh0 [4H, H], b0 [4H], w_ih1 [4H, H],
 // w_hh1 [4H, H], b1 [4H], attn_norm [H], w_qkv [3H, H], w_o [H, H], mlp_norm [H], w_up [M, H], w_down [H, M].
 enum DraftWeight : size_t {
