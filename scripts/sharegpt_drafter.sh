@@ -6,10 +6,13 @@
 #      bf16 autocast, 16 x 1024-token sequences per step, KL to the target, frequency-ranked draft vocabulary;
 #   4. the data-scaling curve: each checkpoint's held-out chain acceptance and engine τ on MT-Bench and
 #      GSM8K-test (scripts/scaling_curve.py), as a table and $RUN/scaling.png;
-#   5. the shipped drafter (k = 1): two epochs over the same data from the k = 2 drafter that step 3 made
-#      (in bf16, as it was shipped at commit 1e2417b), a bf16 copy drafting up to 8 passes, its trees tuned
-#      on this machine (run step 5 alone on an idle machine: the tree choice times drafting and verifying),
-#      into $RUNS/k1_ship (copy it to falcon_ext/drafters/SmolLM2-135M-Instruct to ship it).
+#   5. k = 1: two epochs over the same data from the k = 2 drafter that step 3 made (in bf16, as it
+#      was shipped at commit 1e2417b);
+#   6. the shipped drafter: the data extended to MORE_TOKENS (4000000; step 1's shards kept, new ones
+#      appended), one epoch over all of it from step 5's drafter, a bf16 copy drafting up to 8 passes,
+#      its trees tuned on this machine (run step 6 alone on an idle machine: the tree choice times
+#      drafting and verifying), into $RUNS/k1_ship (copy it to falcon_ext/drafters/SmolLM2-135M-Instruct
+#      to ship it).
 # Every step skips what is done and resumes what was interrupted: after a crash or on a new machine,
 # run the same command again (the data folders are recreated deterministically if they are gone).
 #
@@ -17,10 +20,12 @@
 # shipped before the ShareGPT ones (the template-data drafter); step 0 takes it out of git history (the parent of
 # commit 1e2417b) into $INIT.
 #
-#   scripts/sharegpt_drafter.sh            # environment: RUNS (runs), TOKENS (2000000), THREADS (2), PYTHON, INIT
+#   scripts/sharegpt_drafter.sh            # environment: RUNS (runs), TOKENS (2000000), MORE_TOKENS (4000000),
+#                                          # THREADS (2), PYTHON, INIT
 set -euo pipefail
 RUNS=${RUNS:-runs}
 TOKENS=${TOKENS:-2000000}
+MORE_TOKENS=${MORE_TOKENS:-4000000}
 THREADS=${THREADS:-2}
 SAVE_EVERY=${SAVE_EVERY:-15}
 PY=${PYTHON:-python}
@@ -64,9 +69,16 @@ fi
   --batch-size 4 --seq-len 1023 --epochs 2 --lr 1e-3 --warmup-steps 10 --schedule constant --kl-alpha 1.0 --w-dist 1.0 \
   --distill-vocab data --draft-vocab-size 8192 --eval-data "$RUNS/sg_heldout" --save-every 76 --keep-checkpoints 0 \
   --log-every 10 --threads "$THREADS"
+"${CLI[@]}" prepare-data --target $TARGET --source sharegpt --mode teacher_forcing --max-len 1024 \
+  --batch-size 8 --shard-size 64 --max-tokens "$MORE_TOKENS" --dtype bfloat16 --feature-dtype bfloat16 \
+  --threads "$THREADS" --seed 0 --out "$RUNS/sg_tf"
+"${CLI[@]}" train --target $TARGET --data "$RUNS/sg_tf" --out "$RUNS/k1_4M" --init "$RUNS/k1/final" --k 1 --plain \
+  --amp bfloat16 --batch-size 4 --seq-len 1023 --epochs 1 --lr 1e-3 --warmup-steps 10 --schedule constant --kl-alpha 1.0 \
+  --w-dist 1.0 --distill-vocab data --draft-vocab-size 8192 --eval-data "$RUNS/sg_heldout" --save-every 76 \
+  --keep-checkpoints 0 --log-every 10 --threads "$THREADS"
 SHIP=$RUNS/k1_ship
 if [ ! -f "$SHIP/cdt_measurement.json" ]; then
-  "$PY" -P - "$RUNS/k1/final" "$SHIP" <<'PY'
+  "$PY" -P - "$RUNS/k1_4M/final" "$SHIP" <<'PY'
 import sys, torch
 from falcon_ext import FalconDrafter
 from falcon_ext.targets import load_target
@@ -75,7 +87,7 @@ drafter = FalconDrafter.from_pretrained(sys.argv[1], model, dtype=torch.bfloat16
 drafter.config.num_passes, drafter.config.trees, drafter.config.tree = 8, {}, None
 drafter.save_pretrained(sys.argv[2])
 PY
-  cp "$RUNS/k1/final/training.json" falcon_ext/drafters/$TARGET/tune_prompts.jsonl "$SHIP/"
+  cp "$RUNS/k1_4M/final/training.json" falcon_ext/drafters/$TARGET/tune_prompts.jsonl "$SHIP/"
   "${CLI[@]}" tune-tree --drafter "$SHIP" --target $TARGET --prompts "$SHIP/tune_prompts.jsonl" --threads "$THREADS" \
     --max-new-tokens 96 --dtype bfloat16 --passes 8
   # The default tree, for devices and dtypes without a tuned one: the best 24 nodes of that measurement.
