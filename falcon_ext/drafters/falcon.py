@@ -162,6 +162,12 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def linear_layer(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` where autograd records (training: the module call, hooks and all), else
+    ``few_rows_linear`` with the layer's weights (decoding)."""
+    return layer(x) if torch.is_grad_enabled() else few_rows_linear(x, layer.weight, layer.bias)
+
+
 class DraftHead:
     """The target's frozen LM head over all rows, or only the rows of ``vocab`` (sorted token ids).
 
@@ -409,8 +415,8 @@ class FalconDrafter(nn.Module):
 
     def _finish(self, lstm_out: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Output projection + residual, then the MLP block + residual."""
-        h = lstm_out + few_rows_linear(attn, self.o_proj.weight)
-        return h + few_rows_linear(F.silu(few_rows_linear(self.mlp_norm(h), self.up.weight)), self.down.weight)
+        h = lstm_out + linear_layer(self.o_proj, attn)
+        return h + linear_layer(self.down, F.silu(linear_layer(self.up, self.mlp_norm(h))))
 
     # ---- incremental decoding primitives ----
     def zero_state(self, batch: int = 1) -> LSTMState:
@@ -429,7 +435,7 @@ class FalconDrafter(nn.Module):
                                                   self.config.rms_norm_eps, encode_only=True)
             return k, v, LSTMState(h, c)
         out, state = self.lstm_steps(x, state)
-        _, k, v = few_rows_linear(self.attn_norm(out), self.qkv.weight).chunk(3, dim=-1)
+        _, k, v = linear_layer(self.qkv, self.attn_norm(out)).chunk(3, dim=-1)
         return k, v, state
 
     def lstm_steps(self, x: torch.Tensor, state: LSTMState) -> tuple[torch.Tensor, LSTMState]:
@@ -486,7 +492,7 @@ class FalconDrafter(nn.Module):
         """
         B, k, _ = x.shape
         out, state = self.lstm_steps(x, state)
-        q, bk, bv = few_rows_linear(self.attn_norm(out), self.qkv.weight).chunk(3, dim=-1)
+        q, bk, bv = linear_layer(self.qkv, self.attn_norm(out)).chunk(3, dim=-1)
         keys = torch.cat([ctx_k.expand(B, -1, -1), br_k, bk], dim=1)
         values = torch.cat([ctx_v.expand(B, -1, -1), br_v, bv], dim=1)
         heads, d = self.config.num_heads, self.config.hidden_size // self.config.num_heads
