@@ -8,23 +8,13 @@ the median time of both forms measured interleaved in one process, and their rat
 """
 import argparse
 import os
-import time
 
 import torch
 
+from falcon_ext.evaluation.tree_tuning import median_seconds
+
 SHAPES = [(4 * 576, 2 * 576), (4 * 576, 576), (8192, 576)]  # LSTM w_ih0, w_hh/w_ih1, draft-vocab head
 ROWS = [1, 2, 5, 16, 64]
-
-
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[repeats // 2]
 
 
 def main():
@@ -33,6 +23,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    cpu = torch.device("cpu")
     print(f"load before: {os.getloadavg()[0]:.2f}; torch {torch.__version__}, {args.threads} threads")
     print("| dtype | W | rows | x @ W^T (ms) | (W @ x^T)^T (ms) | ratio |")
     print("|---|---|---:|---:|---:|---:|")
@@ -41,9 +32,9 @@ def main():
             w = torch.randn(n, k).to(dtype)
             for rows in ROWS:
                 x = torch.randn(rows, k).to(dtype)
-                plain = median_ms(lambda: torch.mm(x, w.t()), args.repeats)
-                swapped = median_ms(lambda: (torch.mv(w, x[0])[None] if rows == 1 else torch.mm(w, x.t()).t()),
-                                    args.repeats)
+                plain = 1e3 * median_seconds(lambda: torch.mm(x, w.t()), cpu, args.repeats)
+                swapped = 1e3 * median_seconds(
+                    lambda: (torch.mv(w, x[0])[None] if rows == 1 else torch.mm(w, x.t()).t()), cpu, args.repeats)
                 print(f"| {str(dtype)[6:]} | {n}x{k} | {rows} | {plain:.3f} | {swapped:.3f} | {plain / swapped:.2f} |")
 
 

@@ -341,3 +341,6 @@ def test_benchmark_scripts_run_at_a_tiny_size():
                             "--bucket", "16", "--drafter", "lookup", "--dtype", "float32"], **run)
     assert steps.returncode == 0, steps.stderr
     assert "| model.generate | falcon_ext |" in steps.stdout and "| 8 |" in steps.stdout
+    linear = subprocess.run([sys.executable, "benchmarks/bench_linear.py", "--threads", "1", "--repeats", "1"], **run)
+    assert linear.returncode == 0, linear.stderr
+    assert "| bfloat16 | 2304x1152 | 1 |" in linear.stdout and "| float16 | 8192x576 | 64 |" in linear.stdout
