@@ -59,10 +59,13 @@ def extension():
     use_cuda = want_cuda(torch.version.cuda is not None, cuda_home)
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     debug = os.environ.get("FALCON_EXT_DEBUG") == "1"
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    # -fopenmp: torch is an OpenMP build, and at::parallel_for's inline body is an OpenMP pragma,
+    # which without the flag compiles to a serial loop (csrc/int8_linear.cpp splits rows with it).
+    cxx = (["-O0", "-g"] if debug else ["-O3"]) + ["-fopenmp"]
+    link = ["-fopenmp"]
     if not use_cuda:
         print("falcon_ext: building the CPU ops only", file=sys.stderr)
-        return CppExtension("falcon_ext._C", sources, extra_compile_args={"cxx": cxx})
+        return CppExtension("falcon_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # No GPU to query: build for A100 and H100 (nvcc 13 rejects sm_70 and older).
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
@@ -83,6 +86,7 @@ def extension():
         include_dirs=include_dirs,
         define_macros=[("FALCON_EXT_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx, "nvcc": (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["-lineinfo"]},
+        extra_link_args=link,
     )
 
 

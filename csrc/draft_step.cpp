@@ -28,7 +28,8 @@ namespace falcon_ext {
 
 DraftStepDims check_draft_step(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                const at::Tensor& ctx_k, const at::Tensor& ctx_v, const at::Tensor& br_k,
-                               const at::Tensor& br_v, at::TensorList weights, int64_t num_heads, double eps) {
+                               const at::Tensor& br_v, at::TensorList weights, int64_t num_heads, double eps,
+                               const c10::optional<at::TensorList>& scales) {
   FALCON_CHECK_DIM(x, 3);
   FALCON_CHECK_FLOAT(x);
   TORCH_CHECK(weights.size() == kNumDraftWeights, "falcon_draft_step needs ", size_t(kNumDraftWeights),
@@ -74,7 +75,26 @@ DraftStepDims check_draft_step(const at::Tensor& x, const at::Tensor& h0, const 
                 at::IntArrayRef(e.shape), ", got ", weights[e.slot].sizes());
   }
   std::vector<at::Tensor> all = {h0, c0, ctx_k, ctx_v, br_k, br_v};
-  all.insert(all.end(), weights.begin(), weights.end());
+  std::vector<bool> int8(kNumDraftWeights, false);
+  if (scales) {
+    TORCH_CHECK(scales->size() == kDraftMatrices.size(), "falcon_draft_step needs one scale per weight matrix (",
+                kDraftMatrices.size(), ", in slot order) with int8 weights, got ", scales->size());
+    for (size_t i = 0; i < kDraftMatrices.size(); ++i) {
+      const at::Tensor& w = weights[kDraftMatrices[i]];
+      const at::Tensor& s = (*scales)[i];
+      TORCH_CHECK(w.scalar_type() == at::kChar, "with scales, weight matrix ", size_t(kDraftMatrices[i]),
+                  " must be int8, got ", w.scalar_type());
+      TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 1 && s.size(0) == w.size(0), "scales[", i,
+                  "] must be float32 [", w.size(0), "], got ", s.scalar_type(), " ", s.sizes());
+      TORCH_CHECK(s.device() == x.device(), "scales[", i, "] must be on ", x.device(), ", got ", s.device());
+      int8[kDraftMatrices[i]] = true;
+    }
+  }
+  for (size_t i = 0; i < kNumDraftWeights; ++i) {
+    if (!int8[i]) all.push_back(weights[i]);
+    TORCH_CHECK(weights[i].device() == x.device(), "every falcon_draft_step tensor must be on ", x.device(),
+                ", got ", weights[i].device());
+  }
   for (const auto& t : all) {
     TORCH_CHECK(t.scalar_type() == x.scalar_type(), "every falcon_draft_step tensor must have x's dtype ",
                 x.scalar_type(), ", got ", t.scalar_type());
@@ -86,11 +106,21 @@ DraftStepDims check_draft_step(const at::Tensor& x, const at::Tensor& h0, const 
 
 namespace {
 
-// y [R, N] fp32 = x [R, K] fp32 @ w[N, K]^T (+ bias), the matmul in the weight's dtype. In bf16
-// it runs as (w @ x^T)^T: for the few rows a draft step has, oneDNN takes that form 1.4-2x
-// faster on CPU (x @ w^T with w as a transposed view takes a slower path), and in fp32 and fp16
-// the plain form is faster (benchmarks/bench_linear.py).
-at::Tensor dense(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias = c10::nullopt) {
+// A weight matrix [N, K]: in x's dtype, or int8 with one fp32 scale per row (scale defined).
+struct Matrix {
+  at::Tensor w, scale;
+  Matrix rows(int64_t start, int64_t n) const {
+    return {w.narrow(0, start, n), scale.defined() ? scale.narrow(0, start, n) : scale};
+  }
+};
+
+// y [R, N] fp32 = x [R, K] fp32 @ w[N, K]^T (+ bias). int8: csrc/int8_linear.cpp. Else the matmul
+// runs in the weight's dtype; in bf16 as (w @ x^T)^T: for the few rows a draft step has, oneDNN
+// takes that form 1.4-2x faster on CPU (x @ w^T with w as a transposed view takes a slower path),
+// and in fp32 and fp16 the plain form is faster (benchmarks/bench_linear.py).
+at::Tensor dense(const at::Tensor& x, const Matrix& m, const c10::optional<at::Tensor>& bias = c10::nullopt) {
+  if (m.scale.defined()) return int8_dense(x, m.w, m.scale, bias);
+  const at::Tensor& w = m.w;
   at::Tensor xw = x.to(w.scalar_type());
   at::Tensor y;
   if (w.scalar_type() == at::kBFloat16 && w.device().is_cpu()) {
@@ -116,7 +146,7 @@ void lstm_cell(const at::Tensor& gates, at::Tensor& h, at::Tensor& c) {
 }
 
 // One LSTM layer over the block: x [B, k, In] fp32, state h, c [B, H] fp32 (updated) -> [B, k, H] fp32.
-at::Tensor lstm_layer(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& b,
+at::Tensor lstm_layer(const at::Tensor& x, const Matrix& w_ih, const Matrix& w_hh, const at::Tensor& b,
                       at::Tensor& h, at::Tensor& c) {
   const int64_t B = x.size(0), k = x.size(1), H = h.size(1);
   at::Tensor gx = dense(x.reshape({B * k, x.size(2)}), w_ih, b).view({B, k, 4 * H});
@@ -168,27 +198,28 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& ctx_k, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_draft_step_cpu(
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& ctx_k,
     const at::Tensor& ctx_v, const at::Tensor& br_k, const at::Tensor& br_v, at::TensorList weights,
-    int64_t num_heads, double eps, bool encode_only) {
-  const DraftStepDims d = check_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps);
+    int64_t num_heads, double eps, bool encode_only, const c10::optional<at::TensorList>& scales) {
+  const DraftStepDims d = check_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps, scales);
   // An inference op (no autograd formula): its ATen calls must not record graphs or reject
   // in-place updates when the caller's weights require grad (a drafter in training).
   at::NoGradGuard no_grad;
   const int64_t B = d.B, k = d.k, H = d.H;
   const auto dtype = x.scalar_type();
-  std::vector<at::Tensor> w;
-  for (const auto& t : weights) w.push_back(t.contiguous());
+  std::vector<Matrix> w;
+  for (const auto& t : weights) w.push_back({t.contiguous(), at::Tensor()});
+  for (size_t i = 0; scales && i < kDraftMatrices.size(); ++i) w[kDraftMatrices[i]].scale = (*scales)[i].contiguous();
   // Private fp32 copies: the recurrence updates the state in place, the inputs stay untouched.
   at::Tensor h = h0.to(at::kFloat, false, /*copy=*/true).contiguous();
   at::Tensor c = c0.to(at::kFloat, false, /*copy=*/true).contiguous();
   at::Tensor h_0 = h[0], c_0 = c[0], h_1 = h[1], c_1 = c[1];
 
-  at::Tensor out0 = lstm_layer(x.to(at::kFloat), w[kWIh0], w[kWHh0], w[kB0], h_0, c_0);
-  at::Tensor lstm_out = lstm_layer(out0, w[kWIh1], w[kWHh1], w[kB1], h_1, c_1).reshape({B * k, H});
+  at::Tensor out0 = lstm_layer(x.to(at::kFloat), w[kWIh0], w[kWHh0], w[kB0].w, h_0, c_0);
+  at::Tensor lstm_out = lstm_layer(out0, w[kWIh1], w[kWHh1], w[kB1].w, h_1, c_1).reshape({B * k, H});
 
   at::Tensor h_out = at::stack({h_0, h_1}).to(dtype), c_out = at::stack({c_0, c_1}).to(dtype);
-  at::Tensor normed = rms_norm(lstm_out, w[kAttnNorm], eps);
+  at::Tensor normed = rms_norm(lstm_out, w[kAttnNorm].w, eps);
   if (encode_only) {  // settling context: keys/values only, from rows [H, 3H) of w_qkv
-    at::Tensor kv = dense(normed, w[kWQkv].narrow(0, H, 2 * H));
+    at::Tensor kv = dense(normed, w[kWQkv].rows(H, 2 * H));
     return {at::empty({B, k, 0}, x.options()), h_out, c_out, own_copy(kv.narrow(1, 0, H), dtype).view({B, k, H}),
             own_copy(kv.narrow(1, H, H), dtype).view({B, k, H})};
   }
@@ -200,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_dr
   at::Tensor attn = attention(q, ctx_k, ctx_v, br_k, br_v, blk_k, blk_v, d);
 
   at::Tensor resid = lstm_out + dense(attn, w[kWO]);
-  at::Tensor up = dense(rms_norm(resid, w[kMlpNorm], eps), w[kWUp]);
+  at::Tensor up = dense(rms_norm(resid, w[kMlpNorm].w, eps), w[kWUp]);
   at::Tensor out = resid + dense(up * at::sigmoid(up), w[kWDown]);
   return {out.view({B, k, H}).to(dtype), h_out, c_out, blk_k.view({B, k, H}), blk_v.view({B, k, H})};
 }

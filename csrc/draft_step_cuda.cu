@@ -267,8 +267,12 @@ void launch_rms(const at::Tensor& x, at::Tensor& scale, double eps, cudaStream_t
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_draft_step_cuda(
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& ctx_k,
     const at::Tensor& ctx_v, const at::Tensor& br_k, const at::Tensor& br_v, at::TensorList weights,
-    int64_t num_heads, double eps, bool encode_only) {
-  const DraftStepDims d = check_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps);
+    int64_t num_heads, double eps, bool encode_only, const c10::optional<at::TensorList>& scales) {
+  // int8 weights pay off where drafting streams weights from DRAM (a CPU); on a GPU the drafter's
+  // float weights are read at HBM speed, so there is no kernel for them.
+  TORCH_CHECK(!scales, "falcon_draft_step: int8 weights (scales) are a CPU format; on CUDA pass the drafter's "
+              "float weights and no scales");
+  const DraftStepDims d = check_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps, scales);
   const int64_t B = d.B, k = d.k, H = d.H, R = B * k;
   const c10::cuda::CUDAGuard guard(x.device());
   // Shared memory of the attention kernel, which grows with k. Only attention needs it:

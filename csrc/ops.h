@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <tuple>
 #include <vector>
 
@@ -155,7 +156,8 @@ void kv_compact_batched_cpu(at::TensorList kv, const at::Tensor& paths, at::IntA
 
 // ---- falcon_draft_step: one Falcon drafter forward over a block of k positions, B branches ----
 // x [B, k, 2H], h0/c0 [2, B, H], ctx_k/ctx_v [S, H], br_k/br_v [B, D, H],
-// weights: kNumDraftWeights tensors in DraftWeight slot order (below); all one dtype/device.
+// weights: kNumDraftWeights tensors in DraftWeight slot order (below); all one dtype/device, except
+// the matrices when `scales` is given (int8, see kDraftMatrices).
 // -> (out [B, k, H], h [2, B, H], c [2, B, H], block_k [B, k, H], block_v [B, k, H]); see csrc/draft_step.cpp.
 // encode_only: settle context positions: only h, c, block_k, block_v; out is [B, k, 0].
 // The fused weights' slots, the order of falcon_ext.drafters.falcon.FUSED_WEIGHTS (PyTorch LSTM gate order
@@ -164,16 +166,30 @@ void kv_compact_batched_cpu(at::TensorList kv, const at::Tensor& paths, at::IntA
 enum DraftWeight : size_t {
   kWIh0, kWHh0, kB0, kWIh1, kWHh1, kB1, kAttnNorm, kWQkv, kWO, kMlpNorm, kWUp, kWDown, kNumDraftWeights
 };
+// The matrix slots, in slot order: with `scales` (CPU only) these are int8 [N, K] and scales[i] is
+// the float32 [N] per-row scale of slot kDraftMatrices[i] (int8_linear's format); the rest stay in x's dtype.
+inline constexpr std::array<DraftWeight, 8> kDraftMatrices = {kWIh0, kWHh0, kWIh1, kWHh1, kWQkv, kWO, kWUp, kWDown};
 struct DraftStepDims {
   int64_t B, k, H, M, S, D, heads, head_dim;
 };
 DraftStepDims check_draft_step(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                const at::Tensor& ctx_k, const at::Tensor& ctx_v, const at::Tensor& br_k,
-                               const at::Tensor& br_v, at::TensorList weights, int64_t num_heads, double eps);
+                               const at::Tensor& br_v, at::TensorList weights, int64_t num_heads, double eps,
+                               const c10::optional<at::TensorList>& scales);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_draft_step_cpu(
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& ctx_k,
     const at::Tensor& ctx_v, const at::Tensor& br_k, const at::Tensor& br_v, at::TensorList weights,
-    int64_t num_heads, double eps, bool encode_only);
+    int64_t num_heads, double eps, bool encode_only, const c10::optional<at::TensorList>& scales);
+
+// ---- int8_linear: x [..., K] float @ (weight [N, K] int8 * scale [N] float32 per row)^T + bias [N]
+// -> [..., N] in x's dtype, fp32 accumulation. CPU only (csrc/int8_linear.cpp says why).
+void check_int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& bias);
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                           const c10::optional<at::Tensor>& bias);
+// The unchecked kernel behind it, for the fused draft step: rows of x -> [rows, N] fp32.
+at::Tensor int8_dense(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                      const c10::optional<at::Tensor>& bias);
 
 #ifdef FALCON_EXT_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_build_cuda(const at::Tensor& parents, int64_t prefix_len,
@@ -196,7 +212,7 @@ void kv_compact_cuda(at::TensorList kv, const at::Tensor& path, int64_t dst_star
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> falcon_draft_step_cuda(
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& ctx_k,
     const at::Tensor& ctx_v, const at::Tensor& br_k, const at::Tensor& br_v, at::TensorList weights,
-    int64_t num_heads, double eps, bool encode_only);
+    int64_t num_heads, double eps, bool encode_only, const c10::optional<at::TensorList>& scales);
 #endif
 
 }  // namespace falcon_ext

@@ -21,7 +21,9 @@ TORCH_LIBRARY(falcon_ext, m) {
   // Ragged compaction: each row's path from the common src_start to that row's own dst_starts[b].
   m.def("kv_compact_batched_(Tensor(a!)[] kv, Tensor paths, int[] dst_starts, int src_start) -> ()");
   // One Falcon drafter forward (2-layer LSTM, relaxed attention over the draft KV cache, MLP) for a block.
-  m.def("falcon_draft_step(Tensor x, Tensor h0, Tensor c0, Tensor ctx_k, Tensor ctx_v, Tensor br_k, Tensor br_v, Tensor[] weights, int num_heads, float eps, bool encode_only=False) -> (Tensor out, Tensor h, Tensor c, Tensor block_k, Tensor block_v)");
+  m.def("falcon_draft_step(Tensor x, Tensor h0, Tensor c0, Tensor ctx_k, Tensor ctx_v, Tensor br_k, Tensor br_v, Tensor[] weights, int num_heads, float eps, bool encode_only=False, Tensor[]? scales=None) -> (Tensor out, Tensor h, Tensor c, Tensor block_k, Tensor block_v)");
+  // x @ (int8 weight * per-row scale)^T + bias for a few rows, fp32 accumulation (CPU only: csrc/int8_linear.cpp).
+  m.def("int8_linear(Tensor x, Tensor weight, Tensor scale, Tensor? bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(falcon_ext, CPU, m) {
@@ -34,6 +36,7 @@ TORCH_LIBRARY_IMPL(falcon_ext, CPU, m) {
   m.impl("tree_verify_sample_batched", &falcon_ext::tree_verify_sample_batched_cpu);
   m.impl("kv_compact_batched_", &falcon_ext::kv_compact_batched_cpu);
   m.impl("falcon_draft_step", &falcon_ext::falcon_draft_step_cpu);
+  m.impl("int8_linear", &falcon_ext::int8_linear_cpu);
 }
 
 #ifdef FALCON_EXT_WITH_CUDA

@@ -18,6 +18,7 @@ import torch
 from . import downloads, prompts, targets
 from .drafters import tree
 from .drafters.checkpoint import drafter_dir
+from .drafters.falcon import WEIGHT_FORMAT_CHOICES
 from .engine.generate import speculative_generate
 from .evaluation import acceptance, bench, divergence, tree_tuning
 from .training import data, distributed, train
@@ -28,7 +29,7 @@ from .training import data, distributed, train
 def demo(args) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer = targets.load_target(args.model, targets.resolve_dtype(args.dtype, args.device), args.device)
-    drafter = bench.resolve_drafter(args.drafter, model, args.model)
+    drafter = bench.resolve_drafter(args.drafter, model, args.model, weights=args.drafter_weights)
     # An instruction-tuned target (one whose tokenizer has a chat template) gets the prompt as a user turn.
     ids, _ = prompts.encode(tokenizer, args.prompt, prompts.use_chat_template(tokenizer), None)
     ids = ids.to(args.device)
@@ -87,7 +88,7 @@ def report_identity(model, ids, reference, out) -> int:
 def eval_drafter(args) -> int:
     _set_threads(args.threads)
     model, tokenizer = targets.load_target(args.target, targets.resolve_dtype(args.dtype, args.device), args.device)
-    drafter = acceptance.load_drafter(args.drafter, model).eval()
+    drafter = acceptance.load_drafter(args.drafter, model, args.drafter_weights).eval()
     if args.passes:
         drafter.set_tree(tree.chain(args.passes * drafter.config.k))
     if args.tree_size:
@@ -101,7 +102,8 @@ def eval_drafter(args) -> int:
 def tune_tree(args) -> int:
     _set_threads(args.threads)
     target, tokenizer = targets.load_target(args.target, targets.resolve_dtype(args.dtype, args.device), args.device)
-    tree_tuning.tune(args.drafter, target, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens, passes=args.passes)
+    tree_tuning.tune(args.drafter, target, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens, passes=args.passes,
+                     weights=args.drafter_weights)
     return 0
 
 
@@ -150,6 +152,13 @@ def add_dtype_argument(parser) -> None:
                              "(avx512_bf16/amx_bf16), float32 elsewhere")
 
 
+def add_drafter_weights_argument(parser) -> None:
+    """``--drafter-weights``, shared by the commands that load a Falcon drafter."""
+    parser.add_argument("--drafter-weights", default="auto", choices=WEIGHT_FORMAT_CHOICES,
+                        help="how a Falcon drafter holds its matrices while decoding; auto: int8 on AVX2/AVX-512 "
+                             "CPUs in bf16/fp16 (half the bytes a drafting pass streams), float elsewhere")
+
+
 def _method_list(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(bench.METHODS))
@@ -179,6 +188,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     add_dtype_argument(p)
+    add_drafter_weights_argument(p)
     p.set_defaults(func=demo)
 
 
@@ -216,6 +226,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for method pld")
     p.add_argument("--assistant", default=None, help="assistant model (HF folder) for method assisted")
     add_dtype_argument(p)
+    add_drafter_weights_argument(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--fp32-lm-head", action="store_true",
                    help="engine methods choose tokens from float32 logits (the LM head upcast on the target's "
@@ -245,6 +256,7 @@ def _add_eval_drafter(sub) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu")
     add_dtype_argument(p)
+    add_drafter_weights_argument(p)
     p.set_defaults(func=eval_drafter)
 
 
@@ -257,6 +269,7 @@ def _add_tune_tree(sub) -> None:
                    help="held-out prompts: named sets, JSONL/text files or folders (as eval-drafter reads them)")
     p.add_argument("--device", default="cpu")
     add_dtype_argument(p)
+    add_drafter_weights_argument(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--passes", type=int, default=4, help="deepest tree considered, in drafter passes")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")

@@ -256,6 +256,44 @@ void test_kv_compact_batched() {
   EXPECT(!same(kv, before));
 }
 
+// ---- int8_linear: every row-tile width (1-4 rows, then 5-9 for a tile plus a remainder), K with and
+// without a SIMD tail, against a naive double loop; malformed arguments raise before any read.
+
+void test_int8_linear() {
+  at::manual_seed(0);
+  for (int64_t R : {1, 2, 3, 4, 5, 7, 9}) {
+    for (int64_t N : {1, 7, 99}) {
+      for (int64_t K : {1, 7, 64, 111}) {
+        const at::Tensor x = at::randn({R, K});
+        const at::Tensor q = at::randint(-127, 128, {N, K}, at::TensorOptions().dtype(at::kChar));
+        const at::Tensor scale = at::rand({N}) * 0.01;
+        const at::Tensor bias = at::randn({N});
+        const at::Tensor y = falcon_ext::int8_linear_cpu(x, q, scale, bias);
+        const auto xa = x.accessor<float, 2>();
+        const auto qa = q.accessor<int8_t, 2>();
+        for (int64_t r = 0; r < R; ++r) {
+          for (int64_t n = 0; n < N; ++n) {
+            double want = 0;
+            for (int64_t k = 0; k < K; ++k) want += double(xa[r][k]) * qa[n][k];
+            want = want * scale[n].item<double>() + bias[n].item<double>();
+            EXPECT(std::abs(y[r][n].item<double>() - want) <= 1e-5 * (1 + std::abs(want)));
+          }
+        }
+      }
+    }
+  }
+  const at::Tensor x = at::randn({3, 8}), q = at::zeros({5, 8}, at::TensorOptions().dtype(at::kChar));
+  const at::Tensor s = at::ones({5});
+  EXPECT_ERROR(falcon_ext::int8_linear_cpu(x, q.to(at::kFloat), s, c10::nullopt), "weight must be int8");
+  EXPECT_ERROR(falcon_ext::int8_linear_cpu(x, q, s.to(at::kDouble), c10::nullopt), "scale must be float32");
+  EXPECT_ERROR(falcon_ext::int8_linear_cpu(x, q, s.narrow(0, 0, 4), c10::nullopt), "scale must be [N] = [5]");
+  EXPECT_ERROR(falcon_ext::int8_linear_cpu(x.narrow(1, 0, 7), q, s, c10::nullopt), "x must be [..., K] with K");
+  EXPECT_ERROR(falcon_ext::int8_linear_cpu(x, q, s, at::ones({4})), "bias must be [N] = [5]");
+  EXPECT_ERROR(falcon_ext::int8_linear_cpu(x.to(at::kInt), q, s, c10::nullopt), "x must be a floating tensor");
+  EXPECT_ERROR(falcon_ext::int8_linear_cpu(x, q.narrow(0, 0, 0), s.narrow(0, 0, 0), c10::nullopt),
+               "weight must be [N >= 1, K >= 1]");
+}
+
 // ---- deterministic fuzz corpus: random valid and malformed inputs from a fixed seed ----
 // Every case must throw c10::Error when (and only when) its input breaks the op's contract,
 // and otherwise return results inside their documented bounds that agree with naive loops
@@ -742,6 +780,7 @@ int main() {
   test_tree_build_batched_small();
   test_verify_batched();
   test_kv_compact_batched();
+  test_int8_linear();
   test_fuzz_corpus();
 #ifdef FALCON_EXT_WITH_CUDA
   if (at::hasCUDA()) {

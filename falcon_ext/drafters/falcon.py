@@ -39,6 +39,33 @@ _DTYPES = {name: DTYPES[name] for name in DTYPE_NAMES}
 # attn_norm [H], w_qkv [3H, H], w_o [H, H]; MLP: mlp_norm [H], w_up [M, H], w_down [H, M].
 FUSED_WEIGHTS = ["w_ih0", "w_hh0", "b0", "w_ih1", "w_hh1", "b1", "attn_norm", "w_qkv", "w_o", "mlp_norm", "w_up",
                  "w_down"]
+# The matrices among them, in slot order (csrc/ops.h: kDraftMatrices): what int8 weights quantize.
+FUSED_MATRICES = [name for name in FUSED_WEIGHTS if name.startswith("w_")]
+# How a drafter holds its matrices while decoding (``FalconDrafter.set_weight_format``).
+WEIGHT_FORMATS = ("float", "int8")
+WEIGHT_FORMAT_CHOICES = ("auto", *WEIGHT_FORMATS)
+
+
+def choose_weight_format(name: str, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """The weight format for ``--drafter-weights name`` with the drafter on ``device`` in
+    ``dtype``, and why. ``auto``: int8 on a CPU whose vector units run the int8 kernel (AVX2 or
+    AVX-512) when the drafter runs in bf16/fp16, the low-precision path a fast run takes; float
+    elsewhere (a GPU reads float weights at HBM speed; float32 runs keep the weights exact)."""
+    device = torch.device(device)
+    if name != "auto":
+        if name not in WEIGHT_FORMATS:
+            raise ValueError(f"drafter weights must be one of {WEIGHT_FORMAT_CHOICES}, got {name!r}")
+        if name == "int8" and device.type != "cpu":
+            raise ValueError(f"int8 drafter weights are a CPU format; the drafter is on {device}")
+        return name, "as requested"
+    if device.type != "cpu":
+        return "float", f"auto, the drafter is on {device.type}"
+    if dtype == torch.float32 or dtype == torch.float64:
+        return "float", f"auto, the drafter runs in {dtype_name(dtype)}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return "float", f"auto, this CPU's vector capability is {capability} (int8 wants AVX2 or AVX-512)"
+    return "int8", f"auto, a {capability} CPU drafting in {dtype_name(dtype)} reads half the bytes in int8"
 
 
 @dataclass
@@ -148,11 +175,42 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` for drafting, where x has a few rows. In bf16 on CPU it computes (W @ x^T)^T:
-    oneDNN runs that form 1.4-2x faster than x @ W^T (whose transposed weight view takes a slower
-    path) from 2 to 128 rows, and ``mv`` likewise for one row (``benchmarks/bench_linear.py``; the
-    fused op's ``dense`` does the same in C++). Elsewhere, and wherever autograd records, ``F.linear``."""
+@dataclass(frozen=True)
+class Int8Weight:
+    """A weight matrix [N, K] as int8 with one float32 scale per row: row n is q[n] * scale[n].
+
+    A decoding format for CPUs (``FalconDrafter.set_weight_format``): a CPU drafting pass is bound
+    by the bytes of weights it streams, and int8 halves bf16's. Symmetric per-row scales,
+    max |w| -> 127: the rounding error is under half a step, 1/254 of the row's largest weight.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @staticmethod
+    def quantize(weight: torch.Tensor) -> "Int8Weight":
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        return Int8Weight(torch.round(w / scale[:, None]).to(torch.int8), scale)
+
+    def rows(self, start: int, stop: int) -> "Int8Weight":
+        return Int8Weight(self.q[start:stop], self.scale[start:stop])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.q.float() * self.scale[:, None]).to(dtype)
+
+
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for drafting, where x has a few rows. ``Int8Weight``: ``ops.int8_linear``. In
+    bf16 on CPU it computes (W @ x^T)^T: oneDNN runs that form 1.4-2x faster than x @ W^T (whose
+    transposed weight view takes a slower path) from 2 to 128 rows, and ``mv`` likewise for one
+    row (``benchmarks/bench_linear.py``; the fused op's ``dense`` does the same in C++).
+    Elsewhere, and wherever autograd records, ``F.linear``."""
+    if isinstance(weight, Int8Weight):
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("int8 drafter weights are a decoding format without gradients; train with "
+                               "set_weight_format('float')")
+        return ops.int8_linear(x, weight.q, weight.scale, bias)
     if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or (torch.is_grad_enabled() and weight.requires_grad):
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1]).to(weight.dtype)
@@ -160,12 +218,6 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def linear_layer(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` where autograd records (training: the module call, hooks and all), else
-    ``few_rows_linear`` with the layer's weights (decoding)."""
-    return layer(x) if torch.is_grad_enabled() else few_rows_linear(x, layer.weight, layer.bias)
 
 
 class DraftHead:
@@ -178,21 +230,24 @@ class DraftHead:
     only never proposed.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, vocab: torch.Tensor | None = None):
-        self.vocab = vocab
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, vocab: torch.Tensor | None = None,
+                 int8: bool = False):
+        self.vocab, self.dtype = vocab, weight.dtype
         with torch.no_grad():  # frozen: a copy of the rows, never part of a training graph
-            self.weight = weight.detach() if vocab is None else weight.detach().index_select(0, vocab)
+            rows = weight.detach() if vocab is None else weight.detach().index_select(0, vocab)
+            # int8 (a CPU drafter in int8 format): the head is as much of a pass's bytes as the drafter
+            self.weight = Int8Weight.quantize(rows) if int8 else rows
             self.bias = None if bias is None else bias.detach() if vocab is None else bias.detach().index_select(0, vocab)
         if vocab is not None:  # token id -> row of the subset head (-1: not in the subset)
             self.row = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
             self.row[vocab] = torch.arange(vocab.numel(), device=weight.device)
 
     def __len__(self) -> int:
-        return self.weight.shape[0]
+        return (self.weight.q if isinstance(self.weight, Int8Weight) else self.weight).shape[0]
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """[..., H] -> [..., len(self)] in the head's dtype."""
-        return few_rows_linear(features.to(self.weight.dtype), self.weight, self.bias)
+        return few_rows_linear(features.to(self.dtype), self.weight, self.bias)
 
     def rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids -> indices into ``logits``'s last dimension (-1 for ids outside the subset)."""
@@ -337,6 +392,8 @@ class FalconDrafter(nn.Module):
         paths = config.tree if key is None else config.trees[key]
         self.set_tree(cdt.chain(config.k * config.num_passes) if paths is None else paths)
         self.use_fused = True  # False: the plain-PyTorch draft_block (same contract)
+        self.weight_format = "float"
+        self._decode_weights_key, self._decode_weights = None, None
         self.reset()
 
     # ---- the target's shared pieces ----
@@ -356,11 +413,12 @@ class FalconDrafter(nn.Module):
         """The LM head over the draft vocabulary (built once; rebuilt if the head or vocabulary changes)."""
         head = self._target.get_output_embeddings()
         vocab = self.draft_vocab
-        key = (head.weight.data_ptr(), head.weight._version, head.weight.dtype,
+        key = (head.weight.data_ptr(), head.weight._version, head.weight.dtype, self.weight_format,
                None if vocab is None else (vocab.data_ptr(), vocab._version))
         if key != self._draft_head_key:
             self._draft_head = DraftHead(head.weight, getattr(head, "bias", None),
-                                         None if vocab is None else vocab.to(head.weight.device))
+                                         None if vocab is None else vocab.to(head.weight.device),
+                                         int8=self.weight_format == "int8")
             self._draft_head_key = key
         return self._draft_head
 
@@ -415,8 +473,49 @@ class FalconDrafter(nn.Module):
 
     def _finish(self, lstm_out: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Output projection + residual, then the MLP block + residual."""
-        h = lstm_out + linear_layer(self.o_proj, attn)
-        return h + linear_layer(self.down, F.silu(linear_layer(self.up, self.mlp_norm(h))))
+        h = lstm_out + self._linear("w_o", attn)
+        return h + self._linear("w_down", F.silu(self._linear("w_up", self.mlp_norm(h))))
+
+    def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The module call where autograd records (training: hooks and all), else
+        ``few_rows_linear`` with the decoding weights (``decode_weights``)."""
+        if torch.is_grad_enabled():
+            return {"w_qkv": self.qkv, "w_o": self.o_proj, "w_up": self.up, "w_down": self.down}[name](x)
+        return few_rows_linear(x, self.decode_weights()[name])
+
+    # ---- weights as decoding reads them ----
+    def set_weight_format(self, weight_format: str) -> None:
+        """How decoding holds the matrices (``WEIGHT_FORMATS``): "float", the parameters as they
+        are; "int8" (CPU only), int8 copies with per-row scales (``Int8Weight``), and the draft
+        head likewise. Every decoding path (fused op, plain PyTorch, draft head) reads the chosen
+        format; ``forward`` and training always use the float parameters, and the int8 copies
+        follow them (remade when a parameter changes)."""
+        if weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+        device = self.qkv.weight.device
+        if weight_format == "int8" and device.type != "cpu":
+            raise ValueError(f"int8 drafter weights are a CPU format (a GPU reads the float weights at HBM "
+                             f"speed); this drafter is on {device}")
+        self.weight_format = weight_format
+
+    def decode_weights(self) -> dict[str, torch.Tensor | Int8Weight]:
+        """``FUSED_WEIGHTS`` by name as decoding reads them: LSTM biases summed, the matrices in
+        ``weight_format``. Remade only when a parameter or the format changed."""
+        params = list(self.parameters())
+        key = (self.weight_format, tuple((p.data_ptr(), p._version) for p in params))
+        if key != self._decode_weights_key:
+            L = self.lstm
+            with torch.no_grad():
+                named = {"w_ih0": L.weight_ih_l0, "w_hh0": L.weight_hh_l0, "b0": L.bias_ih_l0 + L.bias_hh_l0,
+                         "w_ih1": L.weight_ih_l1, "w_hh1": L.weight_hh_l1, "b1": L.bias_ih_l1 + L.bias_hh_l1,
+                         "attn_norm": self.attn_norm.weight, "w_qkv": self.qkv.weight, "w_o": self.o_proj.weight,
+                         "mlp_norm": self.mlp_norm.weight, "w_up": self.up.weight, "w_down": self.down.weight}
+                if self.weight_format == "int8":
+                    named.update({name: Int8Weight.quantize(named[name]) for name in FUSED_MATRICES})
+            weights = [w.q if isinstance(w, Int8Weight) else w for w in map(named.__getitem__, FUSED_WEIGHTS)]
+            scales = [named[name].scale for name in FUSED_MATRICES] if self.weight_format == "int8" else None
+            self._decode_weights_key, self._decode_weights, self._fused = key, named, (weights, scales)
+        return self._decode_weights
 
     # ---- incremental decoding primitives ----
     def zero_state(self, batch: int = 1) -> LSTMState:
@@ -430,12 +529,10 @@ class FalconDrafter(nn.Module):
         if self.use_fused:
             empty = x.new_empty(0, self.config.hidden_size)
             no_branch = x.new_empty(x.shape[0], 0, self.config.hidden_size)
-            _, h, c, k, v = ops.falcon_draft_step(x, state.h, state.c, empty, empty, no_branch, no_branch,
-                                                  self.fused_weights(), self.config.num_heads,
-                                                  self.config.rms_norm_eps, encode_only=True)
+            _, h, c, k, v = self._fused_call(x, state, empty, empty, no_branch, no_branch, encode_only=True)
             return k, v, LSTMState(h, c)
         out, state = self.lstm_steps(x, state)
-        _, k, v = linear_layer(self.qkv, self.attn_norm(out)).chunk(3, dim=-1)
+        _, k, v = self._linear("w_qkv", self.attn_norm(out)).chunk(3, dim=-1)
         return k, v, state
 
     def lstm_steps(self, x: torch.Tensor, state: LSTMState) -> tuple[torch.Tensor, LSTMState]:
@@ -446,12 +543,11 @@ class FalconDrafter(nn.Module):
         if torch.is_grad_enabled():
             out, (h, c) = self.lstm(x, (state.h, state.c))
             return out, LSTMState(h, c)
-        L = self.lstm
+        w = self.decode_weights()
         hs, cs = [], []
         for layer in range(2):
-            w_hh = getattr(L, f"weight_hh_l{layer}")
-            gx = few_rows_linear(x, getattr(L, f"weight_ih_l{layer}")).float() + (
-                getattr(L, f"bias_ih_l{layer}") + getattr(L, f"bias_hh_l{layer}")).float()
+            w_hh = w[f"w_hh{layer}"]
+            gx = few_rows_linear(x, w[f"w_ih{layer}"]).float() + w[f"b{layer}"].float()
             h, c, outs = state.h[layer], state.c[layer].float(), []
             for t in range(x.shape[1]):
                 i, f, g, o = (gx[:, t] + few_rows_linear(h, w_hh).float()).chunk(4, dim=-1)
@@ -472,7 +568,8 @@ class FalconDrafter(nn.Module):
         H, heads = self.config.hidden_size, self.config.num_heads
         h = state.h[1][:, None]  # [R, 1, H]
         rows = h.shape[0]
-        q = few_rows_linear(self.attn_norm(h), self.qkv.weight[:H])
+        qkv = self.decode_weights()["w_qkv"]
+        q = few_rows_linear(self.attn_norm(h), qkv.rows(0, H) if isinstance(qkv, Int8Weight) else qkv[:H])
         split = lambda t: t.view(rows, -1, heads, H // heads).transpose(1, 2)  # noqa: E731
         if ctx_k.dim() == 2:
             ctx_k, ctx_v = ctx_k[None], ctx_v[None]
@@ -492,7 +589,7 @@ class FalconDrafter(nn.Module):
         """
         B, k, _ = x.shape
         out, state = self.lstm_steps(x, state)
-        q, bk, bv = linear_layer(self.qkv, self.attn_norm(out)).chunk(3, dim=-1)
+        q, bk, bv = self._linear("w_qkv", self.attn_norm(out)).chunk(3, dim=-1)
         keys = torch.cat([ctx_k.expand(B, -1, -1), br_k, bk], dim=1)
         values = torch.cat([ctx_v.expand(B, -1, -1), br_v, bv], dim=1)
         heads, d = self.config.num_heads, self.config.hidden_size // self.config.num_heads
@@ -506,19 +603,20 @@ class FalconDrafter(nn.Module):
         """:meth:`draft_block` through the fused C++/CUDA op when available (same contract)."""
         if not self.use_fused:
             return self.draft_block(x, state, ctx_k, ctx_v, br_k, br_v)
-        out, h, c, bk, bv = ops.falcon_draft_step(x, state.h, state.c, ctx_k, ctx_v, br_k, br_v,
-                                                  self.fused_weights(), self.config.num_heads,
-                                                  self.config.rms_norm_eps)
+        out, h, c, bk, bv = self._fused_call(x, state, ctx_k, ctx_v, br_k, br_v)
         return out, LSTMState(h, c), bk, bv
 
-    def fused_weights(self) -> list[torch.Tensor]:
-        """Weights in the fused op's order, ``FUSED_WEIGHTS`` (LSTM biases pre-summed)."""
-        L = self.lstm
-        named = {"w_ih0": L.weight_ih_l0, "w_hh0": L.weight_hh_l0, "b0": L.bias_ih_l0 + L.bias_hh_l0,
-                 "w_ih1": L.weight_ih_l1, "w_hh1": L.weight_hh_l1, "b1": L.bias_ih_l1 + L.bias_hh_l1,
-                 "attn_norm": self.attn_norm.weight, "w_qkv": self.qkv.weight, "w_o": self.o_proj.weight,
-                 "mlp_norm": self.mlp_norm.weight, "w_up": self.up.weight, "w_down": self.down.weight}
-        return [named[name] for name in FUSED_WEIGHTS]
+    def fused_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """The fused op's ``weights`` and ``scales``: the decoding weights in ``FUSED_WEIGHTS``
+        order (int8 matrices: their ``q``) and, in int8, the matrices' scales in ``FUSED_MATRICES``
+        order (else None)."""
+        self.decode_weights()
+        return self._fused
+
+    def _fused_call(self, x, state: LSTMState, ctx_k, ctx_v, br_k, br_v, encode_only: bool = False):
+        weights, scales = self.fused_weights()
+        return ops.falcon_draft_step(x, state.h, state.c, ctx_k, ctx_v, br_k, br_v, weights, self.config.num_heads,
+                                     self.config.rms_norm_eps, encode_only=encode_only, scales=scales)
 
     # ---- Drafter protocol (falcon_ext.engine.drafting), and BatchDrafter's per-row calls ----
     def reset(self) -> None:

@@ -1,7 +1,8 @@
 """Typed Python entry points of the C++/CUDA ops (torch.ops.falcon_ext.*).
 
 Each op has a CPU reference (csrc/<op>.cpp) and a CUDA kernel (csrc/<op>.cu) with the same
-contract; the dispatcher picks by the device of the tensors passed in. Shapes: N tree nodes,
+contract; the dispatcher picks by the device of the tensors passed in. One exception,
+``int8_linear``: a CPU kernel only, for a CPU-only weight format. Shapes: N tree nodes,
 V vocabulary, P prefix (already cached) length.
 """
 from __future__ import annotations
@@ -198,7 +199,7 @@ def kv_compact_batched_(kv: list[torch.Tensor], paths: torch.Tensor, dst_starts:
 
 
 def falcon_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights: list[torch.Tensor], num_heads: int,
-                      eps: float, encode_only: bool = False):
+                      eps: float, encode_only: bool = False, scales: list[torch.Tensor] | None = None):
     """One Falcon drafter forward over a block of k drafted positions for B branches.
 
     2-layer LSTM over the block from (h0, c0) (input projections batched, recurrence
@@ -215,11 +216,31 @@ def falcon_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights: list[torch.T
         block_k, block_v [B, k, H] (the block's attention keys/values, to extend br_k/br_v).
         With ``encode_only`` (settling accepted context positions: only their LSTM state and
         keys/values matter) attention and MLP are skipped and ``out`` is [B, k, 0].
+    ``scales`` (CPU only): the eight weight matrices are int8, in ``int8_linear``'s format, and
+    ``scales`` holds their float32 per-row scales in slot order (``FUSED_MATRICES``).
     """
     _check_tensors("falcon_draft_step", list(zip(("x", "h0", "c0", "ctx_k", "ctx_v", "br_k", "br_v"),
                                                  (x, h0, c0, ctx_k, ctx_v, br_k, br_v)))
-                   + [(f"weights[{i}]", w) for i, w in enumerate(weights)])
-    return _ops.falcon_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps, encode_only)
+                   + [(f"weights[{i}]", w) for i, w in enumerate(weights)]
+                   + [(f"scales[{i}]", s) for i, s in enumerate(scales or [])])
+    return _ops.falcon_draft_step(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps, encode_only, scales)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+    """``F.linear(x, weight * scale[:, None], bias)`` with int8 weights, for the few rows of a draft
+    step: fp32 accumulation, each weight row read once for all rows of x. CPU only (on a GPU
+    drafting reads its float weights at HBM speed; csrc/int8_linear.cpp).
+
+    Shape:
+        x: [..., K] float; weight: [N, K] int8; scale: [N] float32 (row n's weights are
+        weight[n] * scale[n]); bias: [N] float or None.
+    Returns [..., N] in x's dtype.
+    """
+    named = [("x", x), ("weight", weight), ("scale", scale)] + ([] if bias is None else [("bias", bias)])
+    _check_tensors("int8_linear", named)
+    if x.device.type != "cpu":
+        raise RuntimeError(f"int8_linear runs on CPU only (int8 drafter weights are a CPU format), got {x.device}")
+    return _ops.int8_linear(x, weight, scale, bias)
 
 
 # Fake (meta) implementations: output shapes and dtypes without running anything, for
@@ -275,8 +296,13 @@ def _kv_compact_batched_fake(kv, paths, dst_starts, src_start):
 
 
 @torch.library.register_fake("falcon_ext::falcon_draft_step")
-def _falcon_draft_step_fake(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps, encode_only=False):
+def _falcon_draft_step_fake(x, h0, c0, ctx_k, ctx_v, br_k, br_v, weights, num_heads, eps, encode_only=False,
+                            scales=None):
     B, k, H = x.shape[0], x.shape[1], x.shape[2] // 2
     return (x.new_empty(B, k, 0 if encode_only else H), h0.new_empty(h0.shape), c0.new_empty(c0.shape), x.new_empty(B, k, H),
             x.new_empty(B, k, H))
 
+
+@torch.library.register_fake("falcon_ext::int8_linear")
+def _int8_linear_fake(x, weight, scale, bias=None):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

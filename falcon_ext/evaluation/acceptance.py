@@ -1,16 +1,24 @@
 """Mean accepted tokens of a Falcon drafter, measured with the real engine on held-out prompts."""
 from __future__ import annotations
 
+import sys
+
 import torch
 from tqdm.auto import tqdm
 
-from ..drafters.falcon import FalconDrafter
+from ..drafters.falcon import FalconDrafter, choose_weight_format
 from ..engine.generate import speculative_generate
 
 
-def load_drafter(name_or_path: str, target):
-    """A drafter folder or shipped name, run in its target's dtype (what the CLI tools use)."""
-    return FalconDrafter.from_pretrained(name_or_path, target=target, dtype=target.get_input_embeddings().weight.dtype)
+def load_drafter(name_or_path: str, target, weights: str = "auto"):
+    """A drafter folder or shipped name, run in its target's dtype with ``weights`` chosen by
+    ``choose_weight_format`` and announced on stderr (what the CLI tools use)."""
+    weight = target.get_input_embeddings().weight
+    drafter = FalconDrafter.from_pretrained(name_or_path, target=target, dtype=weight.dtype)
+    weight_format, reason = choose_weight_format(weights, weight.device, weight.dtype)
+    drafter.set_weight_format(weight_format)
+    print(f"drafter weights {weight_format}: {reason}", file=sys.stderr, flush=True)
+    return drafter
 
 
 @torch.no_grad()

@@ -209,11 +209,12 @@ class Setup:
 
 
 def resolve_drafter(name: str, model, target_name: str, lookup_tokens: int = 10, lookup_branches: int = 1,
-                    tree_size: int | str = 0, batch_size: int = 1):
+                    tree_size: int | str = 0, batch_size: int = 1, weights: str = "auto"):
     """``lookup`` (prompt lookup), ``falcon`` (the Falcon drafter shipped for this target) or a
-    Falcon drafter folder / shipped drafter name; a Falcon drafter drafts with the best
-    ``tree_size``-node tree of its cdt_measurement.json when that is not 0, and with ``"auto"``
-    with the size that measurement predicts fastest for ``batch_size`` rows."""
+    Falcon drafter folder / shipped drafter name, in the weight format ``weights``
+    (``load_drafter``); a Falcon drafter drafts with the best ``tree_size``-node tree of its
+    cdt_measurement.json when that is not 0, and with ``"auto"`` with the size that measurement
+    predicts fastest for ``batch_size`` rows."""
     if name == "lookup":
         if tree_size:
             raise ValueError("--tree-size applies to Falcon drafters, not to --drafter lookup (its tree is "
@@ -221,7 +222,7 @@ def resolve_drafter(name: str, model, target_name: str, lookup_tokens: int = 10,
         return PromptLookupDrafter(num_tokens=lookup_tokens, max_branches=lookup_branches)
     if name == "falcon":
         name = Path(target_name.rstrip("/")).name.removesuffix(".gguf")
-    drafter = load_drafter(name, model).eval()
+    drafter = load_drafter(name, model, weights).eval()
     if tree_size == "auto":
         tree_size = tree_size_for_batch(drafter_dir(name), batch_size)
         drafter.set_tree(measured_tree(drafter_dir(name), tree_size))
@@ -245,7 +246,7 @@ def build_methods(args, model, tokenizer, counter) -> tuple[list[Method], dict[s
             methods.append(setup.engine_method(key, "falcon_ext AR" + head, RootOnlyDrafter()))
         elif key == "spec":
             drafter = resolve_drafter(args.drafter, model, args.target, args.lookup_tokens, args.lookup_branches,
-                                      args.tree_size, args.batch_size)
+                                      args.tree_size, args.batch_size, args.drafter_weights)
             name = args.drafter
             if name == "lookup":
                 name += f" ({args.lookup_tokens}" + (f" x {args.lookup_branches})" if args.lookup_branches > 1 else ")")
@@ -253,6 +254,8 @@ def build_methods(args, model, tokenizer, counter) -> tuple[list[Method], dict[s
                 name += f" (auto: {len(drafter.plan) - 1}-node tree for batch {args.batch_size})"
             elif args.tree_size:
                 name += f" ({args.tree_size}-node tree)"
+            if getattr(drafter, "weight_format", "float") == "int8":
+                name += " [int8 weights]"
             methods.append(setup.engine_method(key, f"falcon_ext + {name}{head}", drafter))
         elif key in ("pld", "assisted") and args.batch_size > 1:
             skipped[key] = "transformers' prompt lookup and assisted generation decode one prompt at a time"

@@ -245,13 +245,14 @@ def choose(trees, rates, costs) -> tuple[TreeChoice, list[TreeChoice]]:
 
 
 def tune(drafter_folder: str, target, tokenizer, prompts: list[str], *, max_new_tokens: int = 128,
-         passes: int = 4) -> TreeChoice:
+         passes: int = 4, weights: str = "auto") -> TreeChoice:
     """Measures the drafter in ``drafter_folder`` on ``target`` (on its device and in its dtype)
     and the held-out ``prompts`` (sources as eval-drafter reads them), writes the chosen tree into
     the folder's config.json as ``trees["<device type>-<dtype>"]`` and the measurements into its
     cdt_measurement.json, prints the options; returns the choice."""
-    # Measured as the engine's CLI tools run it (in the target's dtype); the checkpoint keeps its own.
-    drafter = load_drafter(drafter_folder, target)
+    # Measured as the engine's CLI tools run it (in the target's dtype and the weight format
+    # ``weights`` picks, by default what they pick); the checkpoint keeps its own dtype.
+    drafter = load_drafter(drafter_folder, target, weights)
     ids = [torch.tensor(p) for p in encode_sources(tokenizer, prompts)]
     ranks = measure_ranks(drafter, target, ids, max_new_tokens=max_new_tokens, passes=passes,
                           eos_token_id=eos_token_ids(target) or None)
@@ -265,6 +266,7 @@ def tune(drafter_folder: str, target, tokenizer, prompts: list[str], *, max_new_
     stored.config.trees[key] = best.tree
     stored.save_pretrained(drafter_folder)
     report = {"device": weight.device.type, "dtype": dtype_name(weight.dtype), "tree_key": key,
+              "drafter_weights": drafter.weight_format,
               "steps_measured": len(ranks), "chosen": asdict(best),
               "options": [{k: v for k, v in asdict(o).items() if k != "tree"} for o in options],
               "node_rates": {",".join(map(str, k)): v for k, v in sorted(rates.items(), key=lambda kv: -kv[1])[:128]}}
