@@ -11,6 +11,7 @@ Cache folder: ``$FALCON_EXT_CACHE`` (default ``~/.cache/falcon_ext``).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -76,6 +77,11 @@ def convert_gguf(gguf: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16)
     """Load a Llama GGUF with transformers (needs packages gguf + accelerate) and save a plain
     HF folder (config, safetensors, tokenizer) in ``dtype``. Writes to a temporary folder first,
     so an interrupted conversion never leaves a half folder behind."""
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        # transformers' own message ("install torch and gguf") hides which extra brings them
+        raise ImportError(f"converting the SmolLM2 GGUF needs {' and '.join(missing)}: "
+                          "pip install gguf accelerate (the falcon_ext[smollm2] extra)")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf)
