@@ -174,6 +174,24 @@ def test_int8_copies_follow_the_float_weights(stories):
     assert not isinstance(drafter.draft_head().weight, Int8Weight)
 
 
+def test_weight_bytes_counts_what_decoding_reads(stories):
+    """weight_bytes (bench_draft_step's GB/s) follows the format: the LSTM's two biases are read
+    summed, and an int8 matrix is 1 byte a weight plus a float32 scale per row."""
+    drafter = FalconDrafter.from_pretrained("stories260K", target=stories)
+    params = dict(drafter.named_parameters())
+    size = params["qkv.weight"].element_size()
+    merged = sum(params[f"lstm.bias_hh_l{i}"].numel() for i in (0, 1))
+    want = (sum(p.numel() for p in params.values()) - merged) * size
+    assert drafter.weight_bytes() == want
+    matrices = {"w_ih0": "lstm.weight_ih_l0", "w_hh0": "lstm.weight_hh_l0", "w_ih1": "lstm.weight_ih_l1",
+                "w_hh1": "lstm.weight_hh_l1", "w_qkv": "qkv.weight", "w_o": "o_proj.weight", "w_up": "up.weight",
+                "w_down": "down.weight"}
+    assert sorted(matrices) == sorted(FUSED_MATRICES)
+    drafter.set_weight_format("int8")
+    saved = sum(params[n].numel() * (size - 1) - params[n].shape[0] * 4 for n in matrices.values())
+    assert drafter.weight_bytes() == want - saved
+
+
 def test_weight_format_bad_values(stories):
     drafter = FalconDrafter.from_pretrained("stories260K", target=stories)
     with pytest.raises(ValueError, match="weight_format must be one of"):

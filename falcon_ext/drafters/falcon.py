@@ -757,8 +757,11 @@ class FalconDrafter(nn.Module):
         return checkpoint.load(cls, name_or_path, target, dtype)
 
     def weight_bytes(self) -> int:
-        """Bytes of drafter weights one draft step reads (LM head excluded)."""
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        """Bytes of drafter weights one draft step reads (LM head excluded), in ``weight_format``."""
+        def size(t: torch.Tensor) -> int:
+            return t.numel() * t.element_size()
+        return sum(size(w.q) + size(w.scale) if isinstance(w, Int8Weight) else size(w)
+                   for w in self.decode_weights().values())
 
     def __repr__(self):
         c = self.config
