@@ -4,6 +4,7 @@ from .engine import ops  # before _C: it loads torch, whose libraries _C links a
 from ._C import compiled_with_cuda
 from .drafters.falcon import FalconDrafter, FalconDrafterConfig
 from .drafters.prompt_lookup import PromptLookupDrafter
+from .drafters.union import UnionDrafter
 from .engine.drafting import BatchDrafter, Drafter, DraftTree
 from .engine.generate import SpeculativeOutput, speculative_generate
 from .engine.sampling import SamplingConfig
@@ -19,6 +20,7 @@ __all__ = [
     "PromptLookupDrafter",
     "SamplingConfig",
     "SpeculativeOutput",
+    "UnionDrafter",
     "compiled_with_cuda",
     "ops",
     "speculative_generate",

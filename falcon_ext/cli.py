@@ -179,8 +179,10 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="generate with speculative decoding and compare with plain decoding")
     p.add_argument("--model", default="stories260K",
                    help="embedded model name, SmolLM2-135M-Instruct (fetched and converted once), or an HF folder")
-    p.add_argument("--drafter", default="falcon",
-                   help="falcon (the Falcon drafter shipped for --model), lookup (prompt lookup), or a drafter folder")
+    p.add_argument("--drafter", default="falcon+lookup",
+                   help="falcon (the Falcon drafter shipped for --model), lookup (prompt lookup), a drafter "
+                        "folder, or several joined by '+' (falcon+lookup, the default: their trees verified "
+                        "together)")
     p.add_argument("--prompt", default="Once upon a time, there was a little girl named Lily.")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -199,7 +201,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--target", default="stories260K",
                    help="embedded model name, SmolLM2-135M-Instruct, an HF folder or a .gguf file")
     p.add_argument("--drafter", default="lookup",
-                   help="lookup, falcon (the drafter shipped for the target), or a Falcon drafter folder/name")
+                   help="lookup, falcon (the drafter shipped for the target), a Falcon drafter folder/name, or "
+                        "several joined by '+' (falcon+lookup: their trees verified together)")
     p.add_argument("--prompts", default="mt-bench", help=f"one of {', '.join(prompts.NAMED_SETS)}, "
                                                          "or a JSONL/text file or folder")
     p.add_argument("--num-prompts", type=int, default=16)
@@ -213,7 +216,7 @@ def _add_bench(sub) -> None:
                    help="wrap each prompt as a user turn (auto: when the tokenizer has a template)")
     p.add_argument("--methods", default=",".join(bench.METHODS), type=_method_list,
                    help=f"comma-separated subset of {','.join(bench.METHODS)}")
-    p.add_argument("--lookup-tokens", type=int, default=10, help="tokens per continuation of --drafter lookup")
+    p.add_argument("--lookup-tokens", type=int, default=10, help="tokens per continuation of --drafter lookup (and of falcon+lookup's lookup)")
     p.add_argument("--lookup-branches", type=int, default=1,
                    help="continuations merged into one tree by --drafter lookup (1: a chain, like transformers')")
     p.add_argument("--tree-size", type=_tree_size, default=0,

@@ -5,7 +5,8 @@ load from other processes falls on all of them alike):
   generate  (a) transformers' ``model.generate``: the baseline.
   ar        (b) "falcon_ext AR": ``speculative_generate`` with a drafter that proposes only the
                 root, i.e. the project's own engine decoding one token per target forward.
-  spec      (c) ``speculative_generate`` with the chosen drafter (prompt lookup, a Falcon drafter).
+  spec      (c) ``speculative_generate`` with the chosen drafter (prompt lookup, a Falcon drafter,
+                or both joined by "+": their trees verified together, ``UnionDrafter``).
   pld       (d) transformers' prompt-lookup decoding (``prompt_lookup_num_tokens``).
   assisted  (e) transformers' assisted generation with ``--assistant``, a smaller model that
                 shares the target's tokenizer (skipped without one).
@@ -38,7 +39,9 @@ from tqdm.auto import tqdm
 
 from .. import prompts as prompt_sets
 from ..drafters.checkpoint import drafter_dir
+from ..drafters.falcon import FalconDrafter
 from ..drafters.prompt_lookup import PromptLookupDrafter
+from ..drafters.union import UnionDrafter
 from ..engine.drafting import DraftTree
 from ..engine.generate import speculative_generate
 from ..targets import dtype_name, eos_token_ids, load_target, resolve_dtype
@@ -214,7 +217,15 @@ def resolve_drafter(name: str, model, target_name: str, lookup_tokens: int = 10,
     Falcon drafter folder / shipped drafter name, in the weight format ``weights``
     (``load_drafter``); a Falcon drafter drafts with the best ``tree_size``-node tree of its
     cdt_measurement.json when that is not 0, and with ``"auto"`` with the size that measurement
-    predicts fastest for ``batch_size`` rows."""
+    predicts fastest for ``batch_size`` rows. Names joined by ``+`` (``falcon+lookup``) give a
+    ``UnionDrafter`` of those drafters: their trees verified together."""
+    if "+" in name:
+        parts = name.split("+")
+        if "" in parts or len(set(parts)) < len(parts):
+            raise ValueError(f"--drafter {name!r}: join distinct drafter names with '+', e.g. falcon+lookup")
+        return UnionDrafter(*(resolve_drafter(part, model, target_name, lookup_tokens, lookup_branches,
+                                              0 if part == "lookup" else tree_size, batch_size, weights)
+                              for part in parts))
     if name == "lookup":
         if tree_size:
             raise ValueError("--tree-size applies to Falcon drafters, not to --drafter lookup (its tree is "
@@ -247,14 +258,16 @@ def build_methods(args, model, tokenizer, counter) -> tuple[list[Method], dict[s
         elif key == "spec":
             drafter = resolve_drafter(args.drafter, model, args.target, args.lookup_tokens, args.lookup_branches,
                                       args.tree_size, args.batch_size, args.drafter_weights)
+            parts = getattr(drafter, "parts", (drafter,))
             name = args.drafter
-            if name == "lookup":
+            if "lookup" in name.split("+"):
                 name += f" ({args.lookup_tokens}" + (f" x {args.lookup_branches})" if args.lookup_branches > 1 else ")")
-            elif args.tree_size == "auto":
-                name += f" (auto: {len(drafter.plan) - 1}-node tree for batch {args.batch_size})"
-            elif args.tree_size:
+            falcon = [part for part in parts if isinstance(part, FalconDrafter)]
+            if falcon and args.tree_size == "auto":
+                name += f" (auto: {len(falcon[0].plan) - 1}-node tree for batch {args.batch_size})"
+            elif falcon and args.tree_size:
                 name += f" ({args.tree_size}-node tree)"
-            if getattr(drafter, "weight_format", "float") == "int8":
+            if any(getattr(part, "weight_format", "float") == "int8" for part in parts):
                 name += " [int8 weights]"
             methods.append(setup.engine_method(key, f"falcon_ext + {name}{head}", drafter))
         elif key in ("pld", "assisted") and args.batch_size > 1:
