@@ -55,6 +55,10 @@ def test_merge_trees_bad_input():
         merge_trees([a, DraftTree(torch.tensor([6]), torch.tensor([-1]))])
     with pytest.raises(ValueError, match="at least one tree"):
         merge_trees([])
+    for parents in ([-1, 1], [-1, -1], [0, 0], [-1, 0, 2]):
+        bad = DraftTree(torch.tensor([5, 1, 2][:len(parents)]), torch.tensor(parents))
+        with pytest.raises(ValueError, match=r"0 <= parents\[i\] < i"):
+            merge_trees([a, bad])
     with pytest.raises(ValueError, match="at least two drafters"):
         UnionDrafter(PromptLookupDrafter())
     with pytest.raises(TypeError, match="must be drafters"):

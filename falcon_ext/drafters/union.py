@@ -20,7 +20,13 @@ def merge_trees(trees: list[DraftTree]) -> DraftTree:
     index order); each later tree only appends the paths the earlier ones lack."""
     if not trees:
         raise ValueError("merge_trees needs at least one tree")
+    for tree in trees:  # a part's malformed tree must be refused, not silently reshaped by the merge
+        parents = tree.parents.tolist()
+        if not parents or parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(parents) if i):
+            raise ValueError(f"a tree to merge must have parents[0] == -1 and 0 <= parents[i] < i, got {parents}")
     first = trees[0]
+    if len(trees) == 1:
+        return first
     tokens, parents = first.tokens.tolist(), first.parents.tolist()
     children: list[dict[int, int]] = [{} for _ in tokens]
     for node in range(1, len(tokens)):
@@ -38,8 +44,6 @@ def merge_trees(trees: list[DraftTree]) -> DraftTree:
                 parents.append(parent)
                 children.append({})
             ours[node] = children[parent][token]
-    if len(trees) == 1:
-        return first
     return DraftTree(torch.tensor(tokens, dtype=torch.int64, device=first.tokens.device),
                      torch.tensor(parents, dtype=torch.int64, device=first.parents.device))
 
