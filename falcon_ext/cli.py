@@ -216,7 +216,8 @@ def _add_bench(sub) -> None:
                    help="wrap each prompt as a user turn (auto: when the tokenizer has a template)")
     p.add_argument("--methods", default=",".join(bench.METHODS), type=_method_list,
                    help=f"comma-separated subset of {','.join(bench.METHODS)}")
-    p.add_argument("--lookup-tokens", type=int, default=10, help="tokens per continuation of --drafter lookup (and of falcon+lookup's lookup)")
+    p.add_argument("--lookup-tokens", type=int, default=10,
+                   help="tokens per continuation of --drafter lookup (and of falcon+lookup's lookup)")
     p.add_argument("--lookup-branches", type=int, default=1,
                    help="continuations merged into one tree by --drafter lookup (1: a chain, like transformers')")
     p.add_argument("--tree-size", type=_tree_size, default=0,

@@ -3,9 +3,10 @@
 Falcon's drafter predicts what the model tends to write; prompt lookup finds what it is copying
 from its context. Each wins where the other is weak (on MT-Bench's extraction prompts prompt
 lookup accepts 2.85 tokens a step, SmolLM2's Falcon drafter 1.90: benchmarks/RESULTS.md), and
-verifying a few more tokens costs little where a forward over N tokens is nearly the price of one (bf16 on CPU, GPUs). So
-``UnionDrafter(falcon, PromptLookupDrafter())`` drafts with both and the target verifies the
-merged tree. Lossless whatever the parts propose: the target checks every token.
+verifying a few more tokens costs little where a forward over N tokens is nearly the price of
+one (bf16 on CPU, GPUs). So ``UnionDrafter(falcon, PromptLookupDrafter())`` drafts with both
+and the target verifies the merged tree. Lossless whatever the parts propose: the target checks
+every token.
 """
 from __future__ import annotations
 
@@ -20,21 +21,22 @@ def merge_trees(trees: list[DraftTree]) -> DraftTree:
     index order); each later tree only appends the paths the earlier ones lack."""
     if not trees:
         raise ValueError("merge_trees needs at least one tree")
-    for tree in trees:  # a part's malformed tree must be refused, not silently reshaped by the merge
-        parents = tree.parents.tolist()
+    # Each tree read to the host once (on CUDA: one copy per part and step).
+    host = [(tree.tokens.tolist(), tree.parents.tolist()) for tree in trees]
+    for _, parents in host:  # a part's malformed tree must be refused, not silently reshaped by the merge
         if not parents or parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(parents) if i):
             raise ValueError(f"a tree to merge must have parents[0] == -1 and 0 <= parents[i] < i, got {parents}")
     first = trees[0]
     if len(trees) == 1:
         return first
-    tokens, parents = first.tokens.tolist(), first.parents.tolist()
+    tokens, parents = host[0]
     children: list[dict[int, int]] = [{} for _ in tokens]
     for node in range(1, len(tokens)):
         children[parents[node]][tokens[node]] = node
-    for tree in trees[1:]:
-        their_tokens, their_parents = tree.tokens.tolist(), tree.parents.tolist()
+    for their_tokens, their_parents in host[1:]:
         if their_tokens[0] != tokens[0]:
-            raise ValueError(f"trees to merge must share their root (the next token): {tokens[0]} and {their_tokens[0]}")
+            raise ValueError(f"trees to merge must share their root (the next token): "
+                             f"{tokens[0]} and {their_tokens[0]}")
         ours = [0] * len(their_tokens)  # their node -> our node
         for node in range(1, len(their_tokens)):
             parent, token = ours[their_parents[node]], their_tokens[node]
@@ -58,7 +60,8 @@ class UnionDrafter:
             raise ValueError(f"UnionDrafter needs at least two drafters, got {len(parts)}")
         for part in parts:
             if not isinstance(part, Drafter):
-                raise TypeError(f"UnionDrafter parts must be drafters (reset/extend/propose), got {type(part).__name__}")
+                raise TypeError(f"UnionDrafter parts must be drafters (reset/extend/propose), "
+                                f"got {type(part).__name__}")
         self.parts = parts
         self.needs_features = any(part.needs_features for part in parts)
 
